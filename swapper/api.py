@@ -1,0 +1,392 @@
+"""Everything that is not a proxied model request: probes, listings, admin, metrics, status page.
+
+- `/health/live` (supervisor up) and `/health/ready` (at least one model loaded);
+- `/v1/models` (OpenAI list: `owned_by` = engine, plus status and aliases; adapters listed with
+  `parent`) and `/models` (llama.cpp router's listing, `?reload=1` rescans);
+- llama.cpp router's admin routes: `POST /models/load`, `POST /models/unload` with
+  `{"model": NAME}` -> `{"success": true}`, plus `GET /running` and `GET /props`;
+- `/metrics` in Prometheus text format; `?model=NAME` returns that child's own metrics;
+- the status page `/` (`/ui`) with its JSON (`/api/status`) and event stream (`/api/events`).
+Middlewares: request IDs, API keys (constant-time, never logged), CORS, and a last-resort handler
+that turns any exception into an OpenAI-style 500 so nothing crashes the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import __version__
+from .catalog import ModelEntry
+from .errors import bad_request, error_response, not_found_model
+from .scheduler import LoadFailed, Model, SchedulerError, State
+from .units import format_bytes
+
+if TYPE_CHECKING:
+    from .app import Runtime
+
+log = logging.getLogger("swapper.api")
+access_log = logging.getLogger("swapper.access")
+
+STATIC = Path(__file__).with_name("static")
+PUBLIC = {"/health/live", "/health/ready", "/health", "/v1/health"}
+ADMIN_PREFIXES = ("/models/load", "/models/unload")
+PAGE_PATHS = {"/", "/ui", "/api/status", "/api/events"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ------------------------------------------------------------------------------ status shape
+
+
+def model_status(rt: Runtime, m: Model) -> dict[str, Any]:
+    """DESIGN.md's status shape (llama.cpp router's) plus swapper's extras."""
+    now = rt.scheduler.clock()
+    est = rt.estimate_or_none(m.entry)
+    return {
+        "value": m.state.public,
+        "failed": bool(m.failed),
+        "exit_code": m.exit_code,
+        "args": list(m.entry.args),
+        "state": m.state.value,
+        "inflight": m.inflight,
+        "queued": sum(1 for w in m.queue if w.counts),
+        "pinned": m.pinned,
+        "footprint_bytes": m.measured,
+        "reserved_bytes": m.reserved,
+        "estimate_bytes": est.bytes if est else None,
+        "idle_seconds": round(now - m.last_used, 3) if m.last_used and m.state.public == "loaded" else None,
+        "last_used": rt.scheduler.wall() - (now - m.last_used) if m.last_used else None,
+        "error": m.error,
+        "retry_after": round(max(0.0, m.backoff_until - now), 3) if m.failed else None,
+    }
+
+
+def model_json(rt: Runtime, m: Model, created: int) -> dict[str, Any]:
+    e = m.entry
+    return {
+        "id": e.id, "object": "model", "owned_by": e.engine, "created": created,
+        "aliases": list(e.aliases), "tags": [], "status": model_status(rt, m),
+        "source": e.source, "path": str(e.path) if e.path else e.repo, "size_bytes": e.size,
+        "adapters": [a.name for a in e.adapters], "can_remove": False,
+        "architecture": {"input_modalities": ["text", "image"] if e.mmproj else ["text"],
+                         "output_modalities": ["text"]},
+    }
+
+
+def adapter_json(rt: Runtime, m: Model, name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "owned_by": m.entry.engine, "created": created,
+            "parent": m.entry.id, "aliases": [], "status": model_status(rt, m)}
+
+
+# ------------------------------------------------------------------------------ middlewares
+
+
+def _keys_match(given: str | None, keys: list[str]) -> bool:
+    if not given:
+        return False
+    ok = False
+    for k in keys:  # compare with every key, so timing says nothing about which matched
+        ok |= hmac.compare_digest(given.encode(), k.encode())
+    return ok
+
+
+def _given_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key") or (request.query.get("api_key") if request.path in PAGE_PATHS else None)
+
+
+def make_middlewares(rt: Runtime) -> list[Any]:
+    @web.middleware
+    async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        request["request_id"] = rid
+        t0 = time.monotonic()
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await handler(request)
+            return resp
+        finally:
+            if resp is not None and not resp.prepared:
+                resp.headers["X-Request-ID"] = rid
+            access_log.info("%s %s %s %s %.1fms", rid, request.method, request.path_qs if request.path not in PAGE_PATHS else request.path,
+                            resp.status if resp is not None else "-", (time.monotonic() - t0) * 1000)
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "invalid_request")
+            return error_response(e.reason or "error", e.status, code)
+        except asyncio.CancelledError:
+            raise
+        except SchedulerError as e:
+            return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
+        except Exception as e:  # nothing crashes the supervisor
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(f"internal error: {e.__class__.__name__}", 500, "internal_error")
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if request.method == "OPTIONS" or path in PUBLIC or path.startswith("/static/"):
+            return await handler(request)
+        if path == "/metrics" and not rt.settings.protect_metrics:
+            return await handler(request)
+        api_keys, admin_keys = rt.api_keys, rt.settings.admin_keys
+        if path.startswith(ADMIN_PREFIXES) or (path == "/models" and request.method in ("POST", "DELETE")):
+            required = admin_keys or api_keys
+        else:
+            required = api_keys + admin_keys if api_keys else []
+        if required and not _keys_match(_given_key(request), required):
+            return error_response("missing or invalid API key", 401, "invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origins = rt.settings.cors_origins
+        origin = request.headers.get("Origin")
+        allowed = origin if origin and ("*" in origins or origin in origins) else None
+        if request.method == "OPTIONS" and allowed and request.headers.get("Access-Control-Request-Method"):
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": allowed,
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
+                "Access-Control-Max-Age": "600", "Vary": "Origin"})
+        resp = await handler(request)
+        if allowed and not resp.prepared:
+            resp.headers["Access-Control-Allow-Origin"] = allowed
+            resp.headers["Vary"] = "Origin"
+        return resp
+
+    return [request_id, cors, errors, auth]
+
+
+# ------------------------------------------------------------------------------ handlers
+
+
+class Api:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/health/live", self.live)
+        r.add_get("/health/ready", self.ready)
+        r.add_get("/health", self.ready)
+        r.add_get("/v1/health", self.ready)
+        r.add_get("/v1/models", self.v1_models)
+        r.add_get("/models", self.router_models)
+        r.add_post("/models/load", self.load)
+        r.add_post("/models/unload", self.unload)
+        r.add_get("/running", self.running)
+        r.add_get("/props", self.props)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/", self.page)
+        r.add_get("/ui", self.page)
+        r.add_get("/api/status", self.status)
+        r.add_get("/api/events", self.events)
+
+    # --------------------------------------------------------------------- probes
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "version": __version__})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        s = self.rt.scheduler
+        loaded = [m.id for m in s.models.values() if m.state in (State.READY, State.DRAINING)]
+        if self.rt.closing:
+            return web.json_response({"status": "unavailable", "reason": "shutting down"}, status=503)
+        if loaded:
+            return web.json_response({"status": "ok", "loaded": loaded})
+        loading = [m.id for m in s.models.values() if m.state.public == "loading"]
+        reason = "no model is loaded yet" + (f" (loading: {', '.join(loading)})" if loading else "")
+        return web.json_response({"status": "unavailable", "reason": reason, "loading": loading}, status=503)
+
+    # --------------------------------------------------------------------- listings
+
+    def _models(self) -> list[Model]:
+        s = self.rt.scheduler
+        return [s.models[e.id] for e in self.rt.catalog if e.id in s.models]
+
+    async def v1_models(self, request: web.Request) -> web.Response:
+        created = int(self.rt.started_wall)
+        data: list[dict[str, Any]] = []
+        for m in self._models():
+            data.append(model_json(self.rt, m, created))
+            data += [adapter_json(self.rt, m, a.name, created) for a in m.entry.adapters]
+        return web.json_response({"object": "list", "data": data})
+
+    async def router_models(self, request: web.Request) -> web.Response:
+        if request.query.get("reload"):
+            await self.rt.reload()
+        created = int(self.rt.started_wall)
+        return web.json_response({"object": "list", "data": [model_json(self.rt, m, created) for m in self._models()]})
+
+    async def running(self, request: web.Request) -> web.Response:
+        out = []
+        for m in self._models():
+            if m.state.public != "loaded":
+                continue
+            st = model_status(self.rt, m)
+            out.append({"id": m.id, "engine": m.entry.engine, "state": m.state.value,
+                        "footprint_bytes": m.measured or m.reserved, "idle_seconds": st["idle_seconds"],
+                        "inflight": m.inflight, "pinned": m.pinned,
+                        "url": m.instance.base_url if m.instance else None})
+        return web.json_response({"object": "list", "data": out})
+
+    async def props(self, request: web.Request) -> web.StreamResponse:
+        name = request.query.get("model")
+        if name:
+            return await self.rt.proxy.handle_get(request, name)
+        s = self.rt.scheduler
+        return web.json_response({
+            "role": "router", "build_info": f"swapper {__version__}", "max_instances": s.cfg.max_models,
+            "models_autoload": True, "model_alias": "swapper", "model_path": "none",
+            "default_generation_settings": {"params": {}, "n_ctx": 0},
+            "budget_bytes": s.capacity, "device": f"{s.probe.kind}:{s.probe.index}",
+        })
+
+    # --------------------------------------------------------------------- admin
+
+    async def _admin_body(self, request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return None, bad_request("request body is not valid JSON")
+        if not isinstance(body, dict):
+            return None, bad_request("request body must be a JSON object")
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            return None, bad_request("'model' must be a non-empty string", "model")
+        return body, None
+
+    def _lookup(self, name: str) -> ModelEntry | None:
+        """Names are names: a catalog id, name or alias; never a path on disk."""
+        res = self.rt.catalog.resolve(name)
+        if res is None or res.adapter is not None:
+            return None
+        return res.entry
+
+    async def load(self, request: web.Request) -> web.Response:
+        body, err = await self._admin_body(request)
+        if err is not None:
+            return err
+        assert body is not None
+        entry = self._lookup(body["model"])
+        if entry is None:
+            return not_found_model(body["model"], self.rt.catalog.names())
+        m = self.rt.scheduler.models[entry.id]
+        if m.state in (State.READY, State.DRAINING):
+            return bad_request(f"model '{entry.id}' is already running", "model")
+        wait = request.query.get("wait") not in (None, "", "0", "false")
+        await self.rt.prepare(entry)
+        task = asyncio.ensure_future(self.rt.scheduler.load(entry.id, reason="manual"))
+        if not wait:
+            task.add_done_callback(_log_failure(entry.id))
+            return web.json_response({"success": True})
+        try:
+            await task
+        except LoadFailed as e:
+            return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
+        return web.json_response({"success": True})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        body, err = await self._admin_body(request)
+        if err is not None:
+            return err
+        assert body is not None
+        entry = self._lookup(body["model"])
+        if entry is None:
+            return not_found_model(body["model"], self.rt.catalog.names())
+        m = self.rt.scheduler.models[entry.id]
+        if m.state == State.UNLOADED and not m.queue:
+            return bad_request(f"model '{entry.id}' is not running", "model")
+        force = body.get("force") is True
+        if m.pinned and not force:
+            return bad_request(f"model '{entry.id}' is pinned; unload it with \"force\": true", "force")
+        task = asyncio.ensure_future(self.rt.scheduler.unload(entry.id, force=force, reason="manual"))
+        if request.query.get("wait") not in (None, "", "0", "false"):
+            await task
+        else:
+            task.add_done_callback(_log_failure(entry.id))
+        return web.json_response({"success": True})
+
+    # --------------------------------------------------------------------- metrics
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        name = request.query.get("model")
+        if name:
+            return await self.rt.proxy.child_metrics(request, name)
+        body = generate_latest(self.rt.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # --------------------------------------------------------------------- status page
+
+    def status_json(self) -> dict[str, Any]:
+        rt = self.rt
+        s = rt.scheduler
+        try:
+            mem = s.probe.memory()
+            probe = {"total": mem.total, "used": mem.used, "free": mem.free}
+        except Exception:
+            probe = None
+        created = int(rt.started_wall)
+        return {
+            "version": __version__,
+            "device": {"kind": s.probe.kind, "index": s.probe.index, "name": s.probe.name},
+            "capacity_bytes": s.capacity, "ledger_bytes": s.ledger_used(), "probe": probe,
+            "host_capacity_bytes": s.host_capacity, "host_used_bytes": s.host_used(),
+            "ready": s.ready,
+            "models": [model_json(rt, m, created) for m in self._models()],
+            "events": [ev.__dict__ for ev in list(s.events)[-50:]][::-1],
+            "capacity_human": format_bytes(s.capacity),
+        }
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status_json())
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the status JSON whenever something changed (checked 4x a second)."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        last = None
+        while not self.rt.closing:
+            doc = json.dumps(self.status_json(), default=str)
+            if doc != last:
+                await resp.write(f"data: {doc}\n\n".encode())
+                last = doc
+            await asyncio.sleep(0.25)
+        return resp
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        path = STATIC / "status.html"
+        if not path.exists():
+            return web.json_response(self.status_json())
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+def _log_failure(model: str) -> Callable[[asyncio.Future], None]:
+    def done(f: asyncio.Future) -> None:
+        if f.cancelled():
+            return
+        e = f.exception()
+        if e is not None:
+            log.warning("background admin action on %s failed: %s", model, e)
+
+    return done

@@ -1,0 +1,304 @@
+"""Wiring: settings -> objects -> aiohttp app; start-up, reload and graceful shutdown.
+
+Shutdown (SIGTERM/SIGINT): stop accepting model requests (503 `shutting_down`), answer queued
+waiters 503, let in-flight requests finish within `drain_timeout`, stop every child, exit 0.
+SIGHUP (or `GET /models?reload=1`) re-reads the config file and rescans the models directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+from .api import Api, make_middlewares
+from .catalog import Catalog, ModelEntry, build_catalog
+from .config import ConfigError, Settings, load_settings
+from .estimate import Estimate, Estimator, FootprintStore
+from .gpu import MemoryProbe, detect
+from .launcher import ProcessLauncher
+from .metrics import Metrics
+from .prefetch import Prefetcher
+from .process import raise_nofile_limit
+from .proxy import AUDIO_PREFIX, MODEL_ROUTES, Proxy
+from .scheduler import Launcher, Scheduler, SchedulerConfig, SwapEvent
+from .systemd import notify
+
+log = logging.getLogger("swapper")
+
+
+def scheduler_config(st: Settings) -> SchedulerConfig:
+    return SchedulerConfig(
+        budget=st.budget, reserve=st.reserve, host_budget=st.host_budget, max_models=st.max_models,
+        queue_size=st.queue.size, queue_timeout=st.queue.timeout, max_wait=st.queue.max_wait,
+        idle_ttl=st.idle_ttl, drain_timeout=st.drain_timeout, prefetch=st.prefetch)
+
+
+def discover(st: Settings) -> Catalog:
+    """The catalog for these settings: models dir, Hugging Face cache, config entries."""
+    from .hfcache import scan_hf_cache
+
+    return build_catalog(st, scan_hf_cache())
+
+
+@dataclass
+class Runtime:
+    """Every long-lived object of one swapper process."""
+
+    settings: Settings
+    catalog: Catalog
+    scheduler: Scheduler
+    launcher: Any
+    probe: MemoryProbe
+    estimator: Estimator
+    metrics: Metrics
+    reload_settings: Callable[[], Settings] | None = None
+    closing: bool = False
+    started_wall: float = field(default_factory=time.time)
+    _session: aiohttp.ClientSession | None = None
+
+    def __post_init__(self) -> None:
+        self.api_keys = self.settings.all_api_keys()
+        self.proxy = Proxy(self)
+        self.api = Api(self)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # one pooled session for every child; bytes pass through undecoded
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, force_close=False),
+                auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
+
+    def estimate_or_none(self, entry: ModelEntry) -> Estimate | None:
+        try:
+            return self.estimator.peek(entry)
+        except Exception:
+            return None
+
+    async def prepare(self, entry: ModelEntry) -> None:
+        """Compute a model's estimate off the event loop (reading a big vocabulary takes a while)."""
+        if self.estimator.peek(entry) is None:
+            await asyncio.get_running_loop().run_in_executor(None, self.estimate_quietly, entry)
+
+    def estimate_quietly(self, entry: ModelEntry) -> None:
+        try:
+            self.estimator.estimate(entry)
+        except Exception as e:
+            log.warning("cannot estimate %s: %s", entry.id, e)
+
+    async def reload(self) -> None:
+        """Re-read settings (config file) and rescan models; the scheduler adopts the result."""
+        if self.reload_settings is not None:
+            try:
+                st = self.reload_settings()
+            except ConfigError as e:
+                log.error("reload: %s (keeping the previous settings)", e)
+                return
+            self.settings.models = st.models
+            self.settings.models_dir = st.models_dir
+            self.settings.defaults = st.defaults
+        self.catalog = await asyncio.get_running_loop().run_in_executor(None, discover, self.settings)
+        self.scheduler.set_catalog(self.catalog)
+        log.info("reloaded: %d models", len(self.catalog))
+
+
+def build_runtime(st: Settings, probe: MemoryProbe | None = None, launcher: Launcher | None = None,
+                  reload_settings: Callable[[], Settings] | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> Runtime:
+    probe = probe or detect(st.device)
+    catalog = discover(st)
+    estimator = Estimator(FootprintStore(st.state_path / "footprints.json"), probe.kind)
+    metrics = Metrics()
+    holder: dict[str, Runtime] = {}
+    if launcher is None:
+        host_total = probe.memory().total if probe.kind == "host" else _host_total()
+        prefetcher = Prefetcher(st.host_budget.resolve(host_total), enabled=st.prefetch)
+        launcher = ProcessLauncher(st, probe, lambda: holder["rt"].session, prefetcher)
+    sched = Scheduler(catalog, probe, launcher, estimator, scheduler_config(st), clock=clock)
+    rt = Runtime(st, catalog, sched, launcher, probe, estimator, metrics, reload_settings)
+    holder["rt"] = rt
+    metrics.known = lambda name: name in sched.models
+    metrics.attach(sched)
+    sched.listeners.append(_log_swap)
+    return rt
+
+
+def _host_total() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _log_swap(ev: SwapEvent) -> None:
+    """Every swap logged once, with model, reason, bytes and seconds."""
+    level = logging.WARNING if ev.action in ("fail", "exit") else logging.INFO
+    log.log(level, "swap %s model=%s reason=%s bytes=%d seconds=%.3f%s", ev.action, ev.model, ev.reason,
+            ev.bytes, ev.seconds, f" detail={ev.detail.splitlines()[0]!r}" if ev.detail else "",
+            extra={"swap": {"action": ev.action, "model": ev.model, "reason": ev.reason,
+                            "bytes": ev.bytes, "seconds": round(ev.seconds, 3)}})
+
+
+def create_app(rt: Runtime) -> web.Application:
+    app = web.Application(middlewares=make_middlewares(rt), client_max_size=rt.settings.max_body + 1)
+    app["rt"] = rt
+    rt.api.routes(app)
+    for path in MODEL_ROUTES:
+        app.router.add_post(path, rt.proxy.handle)
+    app.router.add_post(AUDIO_PREFIX + "{tail:.*}", rt.proxy.handle)
+    for path in ("/slots", "/lora-adapters"):
+        app.router.add_get(path, _get_with_model(rt))
+    app.on_startup.append(_on_startup)
+    app.on_cleanup.append(_on_cleanup)
+    return app
+
+
+def _get_with_model(rt: Runtime) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        from .errors import bad_request
+
+        name = request.query.get("model")
+        if not name:
+            return bad_request("add ?model=NAME: this route belongs to one model", "model")
+        return await rt.proxy.handle_get(request, name)
+
+    return handler
+
+
+async def _ticker(rt: Runtime) -> None:
+    while True:
+        await asyncio.sleep(0.1)
+        try:
+            rt.scheduler.tick()
+        except Exception:
+            log.exception("scheduler tick failed")
+
+
+async def _on_startup(app: web.Application) -> None:
+    rt: Runtime = app["rt"]
+    app["ticker"] = asyncio.create_task(_ticker(rt), name="ticker")
+    names = list(dict.fromkeys(rt.settings.preload + [e.id for e in rt.catalog if e.pinned]))
+    for name in names:
+        res = rt.catalog.resolve(name)
+        if res is None:
+            log.error("preload: unknown model %r (known: %s)", name, ", ".join(rt.catalog.names()))
+            continue
+        t = asyncio.ensure_future(_preload(rt, res.entry))
+        t.add_done_callback(lambda f, n=name: f.cancelled() or (f.exception() and log.error(
+            "preload of %s failed: %s", n, f.exception())))
+
+
+async def _preload(rt: Runtime, entry: ModelEntry) -> None:
+    await rt.prepare(entry)
+    await rt.scheduler.load(entry.id, reason="preload")
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    rt: Runtime = app["rt"]
+    await shutdown(rt)
+    t = app.get("ticker")
+    if t is not None:
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+    if rt._session is not None:
+        await rt._session.close()
+
+
+async def shutdown(rt: Runtime) -> None:
+    if rt.closing and rt.scheduler.closing:
+        await rt.scheduler.settle()
+        return
+    rt.closing = True
+    await rt.scheduler.shutdown(rt.settings.drain_timeout)
+    pf = getattr(rt.launcher, "prefetcher", None)
+    if pf is not None:
+        pf.close()
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                               "logger": record.name, "message": record.getMessage()}
+        swap = getattr(record, "swap", None)
+        if swap:
+            doc["swap"] = swap
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
+    rt = build_runtime(st, reload_settings=reload_settings)
+    atexit.register(getattr(rt.launcher, "kill_all", lambda: None))
+    app = create_app(rt)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, st.listen.host, st.listen.port, backlog=1024, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("cannot listen on %s:%s: %s", st.listen.host, st.listen.port, e.strerror or e)
+        await runner.cleanup()
+        return 1
+    log.info("swapper listening on http://%s:%d with %d models (device %s:%d %s, budget %s)",
+             st.listen.host, st.listen.port, len(rt.catalog), rt.probe.kind, rt.probe.index, rt.probe.name,
+             _fmt(rt.scheduler.capacity))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(rt.reload()))
+    notify("READY=1", f"STATUS=serving {len(rt.catalog)} models")
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %gs)", st.drain_timeout)
+    notify("STOPPING=1")
+    await shutdown(rt)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _fmt(n: int) -> str:
+    from .units import format_bytes
+
+    return format_bytes(n)
+
+
+def serve(st: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
+    setup_logging(st.log_level, st.log_format)
+    raise_nofile_limit()
+    return asyncio.run(serve_async(st, reload_settings))
+
+
+def settings_loader(ns: Any) -> Callable[[], Settings]:
+    return lambda: load_settings(ns)

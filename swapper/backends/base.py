@@ -1,0 +1,44 @@
+"""What every engine backend provides: how to start it, when it is healthy, how to talk to it.
+
+The scheduler never sees these; the launcher (process edge) and the proxy (request rewrite
+hook) do. One file per engine beside this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from ..catalog import Adapter, ModelEntry
+from ..gpu import MemoryProbe
+
+
+@dataclass
+class StartSpec:
+    argv: list[str]
+    env: dict[str, str]
+    health_path: str = "/health"
+
+
+class Backend:
+    """Base class: an OpenAI-compatible server on 127.0.0.1:port with a /health route."""
+
+    name = "base"
+    supports_sleep = False
+
+    def start_spec(self, entry: ModelEntry, port: int, probe: MemoryProbe, reserved: int,
+                   workdir: str) -> StartSpec:
+        raise NotImplementedError
+
+    def rewrite(self, path: str, body: dict[str, Any], entry: ModelEntry,
+                adapter: Adapter | None) -> dict[str, Any] | None:
+        """The body to send instead (None: forward the bytes exactly as received)."""
+        return None
+
+    async def sleep(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        raise NotImplementedError
+
+    async def wake(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        raise NotImplementedError

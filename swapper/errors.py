@@ -1,0 +1,54 @@
+"""OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}`.
+
+The statuses and codes are DESIGN.md's error table; every error swapper itself produces goes
+through `error_response`, so clients see one shape whatever went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from aiohttp import web
+
+from .scheduler import SchedulerError
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    502: "server_error", 503: "server_error", 504: "server_error",
+}
+
+
+def error_body(message: str, status: int, code: str, param: str | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"message": message, "type": _TYPES.get(status, "server_error"),
+                           "param": param, "code": code}
+    if extra:
+        err.update(extra)
+    return {"error": err}
+
+
+def error_response(message: str, status: int, code: str, param: str | None = None,
+                   retry_after: float | None = None, extra: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    h = dict(headers or {})
+    if retry_after is not None:
+        h["Retry-After"] = str(max(1, int(math.ceil(retry_after))))
+    return web.Response(status=status, text=json.dumps(error_body(message, status, code, param, extra)),
+                        content_type="application/json", headers=h)
+
+
+def from_scheduler(e: SchedulerError) -> web.Response:
+    return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
+
+
+def bad_request(message: str, param: str | None = None) -> web.Response:
+    return error_response(message, 400, "invalid_request", param)
+
+
+def not_found_model(name: str, known: list[str]) -> web.Response:
+    shown = ", ".join(known[:50]) + (f" (and {len(known) - 50} more)" if len(known) > 50 else "")
+    return error_response(f"model '{name}' not found; known models: {shown or '(none)'}", 404,
+                          "model_not_found", "model", extra={"known_models": known[:1000]})

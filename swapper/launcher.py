@@ -1,0 +1,143 @@
+"""The process edge: turns the scheduler's decisions into child servers.
+
+Implements the scheduler's `Launcher` protocol with a backend per engine (argv, env, health
+route, sleep/wake) and `ChildProcess` (spawn, health poll, stop). Each child gets a free
+loopback port and a private working directory under the state dir, removed when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+
+from . import backends
+from .backends.base import Backend
+from .catalog import ModelEntry
+from .config import Settings
+from .gpu import MemoryProbe
+from .prefetch import Prefetcher
+from .process import ChildExited, ChildProcess, free_port
+from .scheduler import LoadError
+
+log = logging.getLogger("swapper.launcher")
+
+
+@dataclass
+class ChildInstance:
+    """A running child: where to send requests and how to reach its processes."""
+
+    entry: ModelEntry
+    backend: Backend
+    process: ChildProcess
+    port: int
+    workdir: str
+    base_url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        return self.process.pids()
+
+
+class ProcessLauncher:
+    def __init__(self, settings: Settings, probe: MemoryProbe, session_factory: Callable[[], aiohttp.ClientSession],
+                 prefetcher: Prefetcher | None = None):
+        self.settings = settings
+        self.probe = probe
+        self._session_factory = session_factory
+        self._backends: dict[str, Backend] = {}
+        self.children: dict[str, ChildInstance] = {}
+        self.prefetcher = prefetcher
+        self.stop_grace = 10.0
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self._session_factory()
+
+    def backend(self, engine: str) -> Backend:
+        b = self._backends.get(engine)
+        if b is None:
+            b = self._backends[engine] = backends.get(engine, self.settings)
+        return b
+
+    def _workdir(self, entry: ModelEntry) -> str:
+        root = self.settings.state_path / "run"
+        root.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in entry.id)[:64]
+        return tempfile.mkdtemp(prefix=f"{safe}-", dir=root)
+
+    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None]) -> ChildInstance:
+        try:
+            backend = self.backend(entry.engine)
+            port = free_port()
+            workdir = self._workdir(entry)
+            spec = backend.start_spec(entry, port, self.probe, reserved, workdir)
+        except Exception as e:  # engine not installed, bad model entry, ...
+            raise LoadError(str(e)) from e
+        import os
+
+        env = {**os.environ, **spec.env}
+        proc = ChildProcess(entry.id, spec.argv, env=env, cwd=workdir, grace=self.stop_grace, on_exit=on_exit)
+        inst = ChildInstance(entry, backend, proc, port, workdir)
+        try:
+            await proc.start()
+            await proc.wait_healthy(inst.base_url + spec.health_path, self.settings.load_timeout, self.session)
+        except ChildExited as e:
+            self._cleanup(inst)
+            raise LoadError(f"{entry.engine} exited during start with status {e.code}", e.code, e.tail) from None
+        except asyncio.TimeoutError:
+            await proc.stop()
+            self._cleanup(inst)
+            raise LoadError(f"not healthy within the load timeout ({self.settings.load_timeout:g}s)",
+                            proc.returncode, list(proc.tail)) from None
+        except OSError as e:  # the keeper or interpreter could not be started
+            self._cleanup(inst)
+            raise LoadError(f"cannot start {entry.engine}: {e}") from None
+        except BaseException:  # cancelled (shutdown): never leave a half-started child
+            await asyncio.shield(proc.stop(grace=2.0))
+            self._cleanup(inst)
+            raise
+        self.children[entry.id] = inst
+        return inst
+
+    async def stop(self, instance: ChildInstance, entry: ModelEntry) -> None:
+        try:
+            await instance.process.stop()
+        finally:
+            self._cleanup(instance)
+            if self.prefetcher is not None:
+                self.prefetcher.evicted(entry)
+
+    def _cleanup(self, inst: ChildInstance) -> None:
+        if self.children.get(inst.entry.id) is inst:
+            del self.children[inst.entry.id]
+        shutil.rmtree(inst.workdir, ignore_errors=True)
+
+    def can_sleep(self, entry: ModelEntry) -> bool:
+        return entry.sleep and self.backend(entry.engine).supports_sleep
+
+    async def sleep(self, instance: ChildInstance, entry: ModelEntry) -> None:
+        await instance.backend.sleep(self.session, instance.base_url)
+
+    async def wake(self, instance: ChildInstance, entry: ModelEntry) -> None:
+        await instance.backend.wake(self.session, instance.base_url)
+
+    def prefetch(self, entry: ModelEntry) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.prefetch(entry)
+
+    def kill_all(self) -> None:
+        """Synchronous last resort (atexit): no child may outlive swapper."""
+        for inst in list(self.children.values()):
+            inst.process.kill_now()
+
+    def workdirs_root(self) -> Path:
+        return self.settings.state_path / "run"

@@ -1,0 +1,134 @@
+"""Prometheus metrics (`/metrics`): `swapper_` prefix, seconds and bytes as base units.
+
+Counters and histograms are updated as things happen; gauges that describe the scheduler's
+state (queue depth, in flight, resident models, ledger, probe, footprints) are read from it at
+scrape time by a custom collector, so they can never drift from the truth. A model label is
+only ever a known model id: anything else is counted under `unknown`, so clients cannot blow up
+the label space with made-up names.
+
+`swapper_queue_depth{model}` counts requests waiting for a model, including those waiting on a
+cold swap: it is the gauge a Gateway API Inference Extension endpoint picker should read
+(`--total-queued-requests-metric=swapper_queue_depth`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler, SwapEvent
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_LOAD = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, known: Callable[[str], bool] = lambda _: True):
+        self.registry = CollectorRegistry()
+        self.known = known
+        r = self.registry
+        self.requests = Counter("swapper_requests", "Requests answered, by model and HTTP status.",
+                                ["model", "code"], registry=r)
+        self.duration = Histogram("swapper_request_duration_seconds", "Time from request to the end of the response.",
+                                  ["model"], buckets=_LATENCY, registry=r)
+        self.ttfb = Histogram("swapper_time_to_first_byte_seconds", "Time from request to the first response byte.",
+                              ["model"], buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("swapper_prompt_tokens", "Prompt tokens reported in responses' usage.",
+                                     ["model"], registry=r)
+        self.completion_tokens = Counter("swapper_completion_tokens", "Completion tokens reported in responses' usage.",
+                                         ["model"], registry=r)
+        self.swaps = Counter("swapper_swaps", "Model loads, evictions, sleeps and wakes, by reason.",
+                             ["model", "action", "reason"], registry=r)
+        self.load_duration = Histogram("swapper_load_duration_seconds", "Time from admission to a model being ready.",
+                                       ["model"], buckets=_LOAD, registry=r)
+        self.load_failures = Counter("swapper_load_failures", "Loads that failed (and children that died).",
+                                     ["model"], registry=r)
+        self.queue_wait = Histogram("swapper_queue_wait_seconds", "Time a request waited for its model.",
+                                    ["model"], buckets=_LATENCY, registry=r)
+        self._scheduler: Scheduler | None = None
+
+    def label(self, model: str) -> str:
+        return model if model and model != "unknown" and self.known(model) else "unknown"
+
+    # ------------------------------------------------------------------ observations
+
+    def request_done(self, model: str, status: int, seconds: float) -> None:
+        m = self.label(model)
+        self.requests.labels(m, str(status)).inc()
+        self.duration.labels(m).observe(seconds)
+
+    def first_byte(self, model: str, seconds: float) -> None:
+        self.ttfb.labels(self.label(model)).observe(seconds)
+
+    def tokens(self, model: str, usage: dict[str, Any]) -> None:
+        m = self.label(model)
+        p = usage.get("prompt_tokens", usage.get("input_tokens"))
+        c = usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(p, (int, float)) and p >= 0:
+            self.prompt_tokens.labels(m).inc(p)
+        if isinstance(c, (int, float)) and c >= 0:
+            self.completion_tokens.labels(m).inc(c)
+
+    def swap(self, ev: SwapEvent) -> None:
+        m = self.label(ev.model)
+        if ev.action in ("fail", "exit"):
+            self.load_failures.labels(m).inc()
+            return
+        self.swaps.labels(m, ev.action, ev.reason).inc()
+        if ev.action in ("load", "wake"):
+            self.load_duration.labels(m).observe(ev.seconds)
+
+    def waited(self, model: str, seconds: float) -> None:
+        self.queue_wait.labels(self.label(model)).observe(seconds)
+
+    # ------------------------------------------------------------------ scheduler state
+
+    def attach(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        scheduler.listeners.append(self.swap)
+        scheduler.grant_listeners.append(self.waited)
+        self.registry.register(_SchedulerCollector(self))
+
+
+class _SchedulerCollector:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        s = self.metrics._scheduler
+        if s is None:
+            return []
+        dev = f"{s.probe.kind}:{s.probe.index}"
+        depth = GaugeMetricFamily("swapper_queue_depth", "Requests waiting for a model (including cold swaps).", labels=["model"])
+        inflight = GaugeMetricFamily("swapper_inflight_requests", "Requests being served by a model.", labels=["model"])
+        state = GaugeMetricFamily("swapper_model_state", "1 for the state each model is in.", labels=["model", "state"])
+        footprint = GaugeMetricFamily("swapper_model_footprint_bytes", "Measured (else estimated) bytes of each model.", labels=["model"])
+        resident = GaugeMetricFamily("swapper_resident_models", "Models loaded (ready or draining).")
+        cap = GaugeMetricFamily("swapper_capacity_bytes", "Budget minus reserve.", labels=["device"])
+        ledger = GaugeMetricFamily("swapper_ledger_used_bytes", "Bytes the scheduler has reserved.", labels=["device"])
+        probe_used = GaugeMetricFamily("swapper_probe_used_bytes", "Used memory as the probe reports it.", labels=["device"])
+        probe_total = GaugeMetricFamily("swapper_probe_total_bytes", "Total memory as the probe reports it.", labels=["device"])
+        host = GaugeMetricFamily("swapper_host_used_bytes", "Host bytes held by sleeping models.")
+        n_res = 0
+        for m in s.models.values():
+            depth.add_metric([m.id], sum(1 for w in m.queue if w.counts))
+            inflight.add_metric([m.id], m.inflight)
+            state.add_metric([m.id, m.state.value], 1)
+            if m.measured:
+                footprint.add_metric([m.id], m.measured)
+            if m.state.public == "loaded":
+                n_res += 1
+        resident.add_metric([], n_res)
+        cap.add_metric([dev], s.capacity)
+        ledger.add_metric([dev], s.ledger_used())
+        try:
+            mem = s.probe.memory()
+            probe_used.add_metric([dev], mem.used)
+            probe_total.add_metric([dev], mem.total)
+        except Exception:
+            pass
+        host.add_metric([], s.host_used())
+        return [depth, inflight, state, footprint, resident, cap, ledger, probe_used, probe_total, host]

@@ -1,0 +1,175 @@
+"""A child server process: spawn under a keeper, poll health, keep a log tail, stop cleanly.
+
+Each child runs as `python -m swapper.keeper -- ENGINE ARGS...` in a session of its own (see
+keeper.py for why: no orphans, even when swapper is SIGKILLed or the engine forks workers).
+Stopping sends SIGTERM to the keeper, which passes it on and SIGKILLs leftovers after the grace
+period; if the keeper itself does not exit in time, its whole process group is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from typing import Callable
+
+import aiohttp
+
+from .keeper import descendants
+
+log = logging.getLogger("swapper.process")
+child_log = logging.getLogger("swapper.child")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the child binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the open-files soft limit to the hard limit: every proxied stream holds sockets."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+class ChildExited(Exception):
+    def __init__(self, code: int | None, tail: list[str]):
+        super().__init__(f"exited with status {code}")
+        self.code = code
+        self.tail = tail
+
+
+class ChildProcess:
+    """One engine process tree, owned by swapper."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+                 cwd: str | None = None, grace: float = 10.0, tail_lines: int = 200,
+                 on_exit: Callable[[int | None], None] | None = None):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.grace = grace
+        self.tail: deque[str] = deque(maxlen=tail_lines)
+        self.on_exit = on_exit
+        self.proc: asyncio.subprocess.Process | None = None
+        self.returncode: int | None = None
+        self.stopping = False
+        self._reader: asyncio.Task | None = None
+        self._waiter: asyncio.Task | None = None
+        self.exited = asyncio.Event()
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def pids(self) -> list[int]:
+        """The keeper and every process below it (engines may fork workers)."""
+        if self.proc is None or self.returncode is not None:
+            return []
+        return [self.proc.pid, *descendants(self.proc.pid)]
+
+    async def start(self) -> None:
+        keeper = [sys.executable, "-m", "swapper.keeper", "--grace", str(self.grace),
+                  "--parent", str(os.getpid()), "--"]
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.started_at = time.monotonic()
+        log.debug("starting %s: %s", self.name, " ".join(self.argv))
+        self.proc = await asyncio.create_subprocess_exec(
+            *keeper, *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True,
+            limit=1 << 20)
+        self._reader = asyncio.create_task(self._read_output(), name=f"log:{self.name}")
+        self._waiter = asyncio.create_task(self._wait(), name=f"wait:{self.name}")
+
+    async def _read_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        stream = self.proc.stdout
+        while True:
+            try:
+                line = await stream.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                line = await stream.read(1 << 16)
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                self.tail.append(text)
+                child_log.info("[%s] %s", self.name, text)
+
+    async def _wait(self) -> None:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
+        self.returncode = code
+        self.exited.set()
+        if not self.stopping:
+            log.warning("%s exited with status %s", self.name, code)
+            if self.on_exit is not None:
+                self.on_exit(code)
+
+    async def wait_healthy(self, url: str, timeout: float, session: aiohttp.ClientSession,
+                           ok: Callable[[int], bool] = lambda s: s == 200) -> None:
+        """Poll `url` until it answers OK; raise ChildExited or TimeoutError."""
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            if self.exited.is_set():
+                raise ChildExited(self.returncode, list(self.tail))
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as r:
+                    if ok(r.status):
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            if time.monotonic() >= deadline:
+                raise asyncio.TimeoutError(f"{self.name} not healthy after {timeout:g}s")
+            try:
+                await asyncio.wait_for(self.exited.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 1.5, 0.25)
+
+    async def stop(self, grace: float | None = None) -> int | None:
+        """SIGTERM the tree (via the keeper), SIGKILL the group if it lingers."""
+        if self.proc is None:
+            return None
+        self.stopping = True
+        grace = self.grace if grace is None else grace
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.exited.wait(), grace + 5.0)
+            except asyncio.TimeoutError:
+                log.warning("%s did not stop in %.0fs; killing its process group", self.name, grace + 5)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.exited.wait(), 5.0)
+        return self.returncode
+
+    def kill_now(self) -> None:
+        """Last resort at interpreter exit: signal the keeper, which takes the tree down."""
+        if self.proc is not None and self.returncode is None:
+            self.stopping = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)

@@ -1,0 +1,286 @@
+"""`/v1/*` and llama-server's native model routes: resolve the model, lease it, stream through.
+
+A request's life: size limit (413) -> JSON or multipart parse (400) -> model from the body's
+`model`, or the Gateway API's `X-Gateway-Model-Name` / `X-Gateway-Base-Model-Name` headers, with
+`owned_by` choosing between engines (400 on conflict, 404 listing known models) -> a lease from
+the scheduler (queues while the model swaps in; 503/504 from the error table) -> the body as sent
+(or the engine's rewrite) to the child over one shared client session -> the response streamed
+back chunk by chunk as it arrives. A client that disconnects cancels the handler, which closes
+the upstream request, so the child stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from .catalog import Resolution
+from .errors import bad_request, error_response, from_scheduler, not_found_model
+from .scheduler import SchedulerError
+
+if TYPE_CHECKING:
+    from .app import Runtime
+
+log = logging.getLogger("swapper.proxy")
+
+MODEL_ROUTES = (
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking",
+    "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+    "/tokenize", "/detokenize", "/infill", "/apply-template", "/rerank", "/reranking",
+    "/completion", "/completions", "/embedding", "/embeddings", "/chat/completions",
+)
+AUDIO_PREFIX = "/v1/audio/"
+
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
+}
+_RESP_SKIP = HOP_BY_HOP | {"server", "date", "access-control-allow-origin",
+                           "access-control-allow-credentials", "access-control-allow-headers",
+                           "access-control-allow-methods"}
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+
+
+class UsageSniffer:
+    """Finds the `usage` object in a response as it streams by (JSON body or last SSE events)."""
+
+    def __init__(self, limit: int = 1 << 20):
+        self.limit = limit
+        self.buf = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self.buf += chunk
+        if len(self.buf) > self.limit:
+            del self.buf[: len(self.buf) - 65536]
+
+    def usage(self) -> dict[str, Any] | None:
+        found = None
+        for m in _USAGE_RE.finditer(bytes(self.buf)):
+            found = m.group(1)
+        if not found:
+            return None
+        try:
+            u = json.loads(found)
+        except ValueError:
+            return None
+        return u if isinstance(u, dict) else None
+
+
+def multipart_model(body: bytes, content_type: str) -> str | None:
+    """The `model` field of a multipart/form-data body (audio routes)."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        return None
+    boundary = re.escape(m.group(1).encode())
+    pat = rb"--" + boundary + rb'\r\nContent-Disposition:\s*form-data;\s*name="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--' + boundary
+    hit = re.search(pat, body, re.S | re.I)
+    return hit.group(1).decode(errors="replace").strip() if hit else None
+
+
+class Proxy:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    async def read_body(self, request: web.Request) -> bytes | web.Response:
+        limit = self.rt.settings.max_body
+        too_big = error_response(f"request body is larger than the limit of {limit} bytes", 413,
+                                 "request_too_large")
+        if request.content_length is not None and request.content_length > limit:
+            return too_big
+        chunks = []
+        size = 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                return too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def resolve(self, request: web.Request, body_model: Any, body_owned_by: Any = None) -> Resolution | web.Response:
+        """The entry (and adapter) a request is for, from body, gateway headers and owned_by."""
+        cat = self.rt.catalog
+        header_model = request.headers.get("X-Gateway-Model-Name")
+        base_header = request.headers.get("X-Gateway-Base-Model-Name")
+        owned_by = (body_owned_by if isinstance(body_owned_by, str) and body_owned_by else None) \
+            or request.headers.get("x-owned-by") or request.query.get("owned_by")
+        if body_model is not None and not isinstance(body_model, str):
+            return bad_request("'model' must be a string", "model")
+        name = body_model or header_model
+        if not name:
+            if base_header:
+                name = base_header
+            else:
+                return bad_request("no model given: set 'model' in the body or the X-Gateway-Model-Name header", "model")
+        res = cat.resolve(name, owned_by)
+        if body_model and header_model and header_model != body_model:
+            other = cat.resolve(header_model, owned_by)
+            if other is None or res is None or (other.entry.id, other.adapter) != (res.entry.id, res.adapter):
+                return bad_request(f"body model '{body_model}' and X-Gateway-Model-Name '{header_model}' disagree",
+                                   "model")
+        if base_header:
+            base = cat.resolve(base_header, owned_by)
+            if res is None and base is not None:
+                adapter = base.entry.adapter(name)
+                if adapter is None and name != base_header:
+                    return not_found_model(name, [a.name for a in base.entry.adapters] or [base.entry.id])
+                res = Resolution(base.entry, adapter)
+            elif res is not None and base is not None and base.entry.id != res.entry.id:
+                return bad_request(f"model '{name}' is not served by base model '{base_header}'", "model")
+        if res is None:
+            return not_found_model(name, self.rt.catalog.names())
+        return res
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rt = self.rt
+        t0 = time.monotonic()
+        label = "unknown"
+        status = 500
+        try:
+            if rt.closing:
+                resp = error_response("swapper is shutting down", 503, "shutting_down")
+                status = resp.status
+                return resp
+            raw = await self.read_body(request)
+            if isinstance(raw, web.Response):
+                status = raw.status
+                return raw
+            body: dict[str, Any] | None = None
+            owned_by = None
+            ctype = request.headers.get("Content-Type", "")
+            if ctype.startswith("multipart/form-data"):
+                model = multipart_model(raw, ctype)
+            else:
+                try:
+                    parsed = json.loads(raw) if raw else None
+                except (ValueError, UnicodeDecodeError) as e:
+                    status = 400
+                    return bad_request(f"request body is not valid JSON: {e}")
+                if not isinstance(parsed, dict):
+                    status = 400
+                    return bad_request("request body must be a JSON object")
+                body = parsed
+                model = body.get("model")
+                owned_by = body.get("owned_by")
+            res = self.resolve(request, model, owned_by)
+            if isinstance(res, web.Response):
+                status = res.status
+                return res
+            label = res.entry.id
+            resp = await self._forward(request, res, raw, body, t0)
+            status = resp.status
+            return resp
+        except SchedulerError as e:
+            status = e.status
+            return from_scheduler(e)
+        except asyncio.CancelledError:
+            status = 499  # client closed the connection
+            raise
+        finally:
+            rt.metrics.request_done(label, status, time.monotonic() - t0)
+
+    async def handle_get(self, request: web.Request, name: str) -> web.StreamResponse:
+        """llama-server's per-model GET routes (`/props?model=`, `/slots?model=`, ...): autoload."""
+        res = self.resolve(request, name)
+        if isinstance(res, web.Response):
+            return res
+        try:
+            return await self._forward(request, res, b"", None, time.monotonic())
+        except SchedulerError as e:
+            return from_scheduler(e)
+
+    async def child_metrics(self, request: web.Request, name: str) -> web.StreamResponse:
+        """A loaded child's own /metrics (never loads a model just to scrape it)."""
+        res = self.rt.catalog.resolve(name)
+        if res is None:
+            return not_found_model(name, self.rt.catalog.names())
+        m = self.rt.scheduler.models.get(res.entry.id)
+        if m is None or m.instance is None or m.state.public != "loaded":
+            return error_response(f"model '{res.entry.id}' is not loaded", 503, "model_not_loaded")
+        try:
+            async with self.rt.session.get(m.instance.base_url + "/metrics",
+                                           timeout=aiohttp.ClientTimeout(total=10)) as r:
+                text = await r.read()
+                return web.Response(status=r.status, body=text,
+                                    content_type=r.content_type or "text/plain")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return error_response(f"model '{res.entry.id}' did not answer: {e}", 502, "upstream_error")
+
+    async def _forward(self, request: web.Request, res: Resolution, raw: bytes,
+                       body: dict[str, Any] | None, t0: float) -> web.StreamResponse:
+        rt = self.rt
+        entry = res.entry
+        path = request.path
+        await rt.prepare(entry)
+        try:
+            lease_cm = rt.scheduler.acquire(entry.id, res.adapter)
+        except KeyError:
+            return not_found_model(entry.id, rt.catalog.names())
+        async with lease_cm as lease:
+            inst = lease.instance
+            payload = raw
+            if body is not None:
+                new = inst.backend.rewrite(path, body, entry, res.adapter)
+                if new is not None:
+                    payload = json.dumps(new).encode()
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+            headers["X-Request-ID"] = request.get("request_id") or headers.get("X-Request-ID", "")
+            url = inst.base_url + path
+            if request.query_string:
+                url += "?" + request.query_string
+            timeout = aiohttp.ClientTimeout(total=None, connect=rt.settings.upstream_connect_timeout,
+                                            sock_read=rt.settings.upstream_read_timeout)
+            try:
+                upstream_cm = rt.session.request(request.method, url, data=payload or None, headers=headers,
+                                                 timeout=timeout, allow_redirects=False)
+                upstream = await upstream_cm.__aenter__()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                return error_response(f"model '{entry.id}' did not answer: {e.__class__.__name__}: {e}", 502,
+                                      "upstream_error")
+            try:
+                return await self._stream_back(request, upstream, entry.id, t0)
+            finally:
+                await upstream_cm.__aexit__(None, None, None)
+
+    async def _stream_back(self, request: web.Request, upstream: aiohttp.ClientResponse, model: str,
+                           t0: float) -> web.StreamResponse:
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for k, v in upstream.headers.items():
+            if k.lower() not in _RESP_SKIP:
+                resp.headers.add(k, v)
+        length = upstream.headers.get("Content-Length")
+        if length is not None and "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
+            resp.content_length = int(length)
+        sniff = UsageSniffer() if upstream.status == 200 else None
+        first = True
+        try:
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    self.rt.metrics.first_byte(model, time.monotonic() - t0)
+                    first = False
+                if sniff is not None:
+                    sniff.feed(chunk)
+                await resp.write(chunk)
+            await resp.write_eof()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError) as e:
+            log.warning("model %s: upstream broke off mid-response: %s", model, e)
+            if not resp.prepared:
+                return error_response(f"model '{model}' closed the connection: {e}", 502, "upstream_error")
+            # headers are gone: the only honest signal left is an incomplete response
+            request.transport.close() if request.transport else None
+            return resp
+        if sniff is not None:
+            usage = sniff.usage()
+            if usage:
+                self.rt.metrics.tokens(model, usage)
+        return resp
