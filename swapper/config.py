@@ -251,7 +251,7 @@ class Option:
 
 OPTIONS: list[Option] = [
     Option("models_dir", "--models-dir", _str, "folder of GGUF models (llama.cpp router rules)", metavar="DIR"),
-    Option("listen.host", "--host", _str, "address to listen on (default 127.0.0.1)"),
+    Option("listen.host", "--host", _str, "address to listen on (default 127.0.0.1)", metavar="ADDR"),
     Option("listen.port", "--port", _port, "port to listen on (default 8080)", metavar="N"),
     Option("state_dir", "--state-dir", _str, "learned footprints, built engines, child temp dirs", metavar="DIR"),
     Option("device", "--device", _device, "auto | cpu | nvidia:N | amd:N", metavar="D"),
@@ -296,17 +296,18 @@ _TOP_EXTRA = {"engines", "defaults", "models"}
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """Add every top-level setting as a flag (default None, so unset flags override nothing)."""
-    parser.add_argument("--config", metavar="FILE", help="YAML config file (DESIGN.md schema)")
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (every key optional; see README)")
     parser.add_argument("--preset", metavar="NAME", help="preset name (see presets/) or a YAML path")
     g = parser.add_argument_group("settings (each also SWAPPER_<FLAG> and a config key)")
     for o in OPTIONS:
         dest = "opt_" + o.key.replace(".", "__")
+        text = o.help.replace("%", "%%") + f" [{o.env}]"
         if o.is_flag:
-            g.add_argument(o.flag, dest=dest, action="store_const", const=True, default=None, help=o.help)
+            g.add_argument(o.flag, dest=dest, action="store_const", const=True, default=None, help=text)
         elif o.repeatable:
-            g.add_argument(o.flag, dest=dest, action="append", default=None, metavar=o.metavar, help=o.help)
+            g.add_argument(o.flag, dest=dest, action="append", default=None, metavar=o.metavar, help=text)
         else:
-            g.add_argument(o.flag, dest=dest, default=None, metavar=o.metavar, help=o.help)
+            g.add_argument(o.flag, dest=dest, default=None, metavar=o.metavar, help=text)
 
 
 def cli_layer(ns: argparse.Namespace) -> dict[str, Any]:
