@@ -193,3 +193,13 @@ def test_help_and_version():
     for flag in ("--models-dir", "--budget", "--reserve", "--pin", "--preload", "--queue-size", "--idle-ttl",
                  "--llama-server", "--max-body", "--config", "--preset"):
         assert flag in r.stdout
+
+
+def test_config_command_prints_effective_settings_that_load_back(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "swapper", "config", "--budget", "20GiB", "--queue-size", "7",
+                        "--idle-ttl", "5m"], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    f = tmp_path / "effective.yaml"
+    f.write_text(r.stdout)
+    st = load_settings(ns("--config", str(f)), env={})
+    assert st.budget.bytes == 20 * 2**30 and st.queue.size == 7 and st.idle_ttl == 300
