@@ -374,6 +374,8 @@ def _flatten(tree: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict
     sections: dict[str, Any] = {}
     for k, v in tree.items():
         k = str(k)
+        if v is None:  # `key:` with no value (or ~) means "not set here"
+            continue
         if k in ("listen", "queue"):
             allowed = _LISTEN_KEYS if k == "listen" else _QUEUE_KEYS
             if not isinstance(v, Mapping):
