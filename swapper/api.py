@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import __version__
 from .catalog import ModelEntry
 from .errors import bad_request, error_response, not_found_model
-from .scheduler import LoadFailed, Model, SchedulerError, State
+from .scheduler import Model, SchedulerError, State
 from .units import format_bytes
 
 if TYPE_CHECKING:
@@ -107,21 +108,51 @@ def _given_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or (request.query.get("api_key") if request.path in PAGE_PATHS else None)
 
 
+_RID_OK = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
+
+
+def request_id_of(request: web.Request) -> str:
+    """The client's X-Request-ID when it is a sane token, else a fresh one (no log injection)."""
+    given = request.headers.get("X-Request-ID", "")
+    return given if _RID_OK.match(given) else uuid.uuid4().hex
+
+
+def required_keys(rt: Runtime, request: web.Request) -> list[str]:
+    """Keys that open this route; empty = open.
+
+    Probes are always open and `/metrics` unless `--protect-metrics`; admin routes (and
+    `GET /models?reload=1`) take an admin key when admin keys are set, else an API key; the
+    status page and everything else take any key once any key is set.
+    """
+    path = request.path
+    if request.method == "OPTIONS" or path in PUBLIC:
+        return []
+    api_keys, admin_keys = rt.api_keys, rt.settings.admin_keys
+    if path == "/metrics" and not rt.settings.protect_metrics:
+        return []
+    if path.startswith(ADMIN_PREFIXES) or (path == "/models" and "reload" in request.query):
+        return admin_keys or api_keys
+    if path in PAGE_PATHS or path == "/metrics":
+        return api_keys + admin_keys
+    return api_keys + admin_keys if api_keys else []
+
+
 def make_middlewares(rt: Runtime) -> list[Any]:
     @web.middleware
     async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        rid = request_id_of(request)
         request["request_id"] = rid
         t0 = time.monotonic()
-        resp: web.StreamResponse | None = None
+        status: int | str = "-"
         try:
             resp = await handler(request)
+            status = resp.status
             return resp
         finally:
-            if resp is not None and not resp.prepared:
-                resp.headers["X-Request-ID"] = rid
-            access_log.info("%s %s %s %s %.1fms", rid, request.method, request.path_qs if request.path not in PAGE_PATHS else request.path,
-                            resp.status if resp is not None else "-", (time.monotonic() - t0) * 1000)
+            # the query string may carry the status page's api_key: never logged
+            shown = request.path if "api_key" in request.query else request.path_qs
+            access_log.info("%s %s %s %s %.1fms", rid, request.method, shown, status,
+                            (time.monotonic() - t0) * 1000, extra={"request_id": rid})
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -142,16 +173,7 @@ def make_middlewares(rt: Runtime) -> list[Any]:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        if request.method == "OPTIONS" or path in PUBLIC or path.startswith("/static/"):
-            return await handler(request)
-        if path == "/metrics" and not rt.settings.protect_metrics:
-            return await handler(request)
-        api_keys, admin_keys = rt.api_keys, rt.settings.admin_keys
-        if path.startswith(ADMIN_PREFIXES) or (path == "/models" and request.method in ("POST", "DELETE")):
-            required = admin_keys or api_keys
-        else:
-            required = api_keys + admin_keys if api_keys else []
+        required = required_keys(rt, request)
         if required and not _keys_match(_given_key(request), required):
             return error_response("missing or invalid API key", 401, "invalid_api_key",
                                   headers={"WWW-Authenticate": "Bearer"})
@@ -159,22 +181,35 @@ def make_middlewares(rt: Runtime) -> list[Any]:
 
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origins = rt.settings.cors_origins
-        origin = request.headers.get("Origin")
-        allowed = origin if origin and ("*" in origins or origin in origins) else None
+        allowed = _allowed_origin(rt, request)
         if request.method == "OPTIONS" and allowed and request.headers.get("Access-Control-Request-Method"):
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Origin": allowed,
                 "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                 "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "*"),
                 "Access-Control-Max-Age": "600", "Vary": "Origin"})
-        resp = await handler(request)
-        if allowed and not resp.prepared:
-            resp.headers["Access-Control-Allow-Origin"] = allowed
-            resp.headers["Vary"] = "Origin"
-        return resp
+        return await handler(request)
 
     return [request_id, cors, errors, auth]
+
+
+def _allowed_origin(rt: Runtime, request: web.Request) -> str | None:
+    origins = rt.settings.cors_origins
+    origin = request.headers.get("Origin")
+    return origin if origin and ("*" in origins or origin in origins) else None
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, streamed ones included (set just before they are sent)."""
+    rt: Runtime = request.app["rt"]
+    rid = request.get("request_id")
+    if rid:
+        response.headers["X-Request-ID"] = rid
+    allowed = _allowed_origin(rt, request)
+    if allowed:
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After"
+        response.headers["Vary"] = "Origin"
 
 
 # ------------------------------------------------------------------------------ handlers
@@ -185,6 +220,7 @@ class Api:
         self.rt = rt
 
     def routes(self, app: web.Application) -> None:
+        app.on_response_prepare.append(on_response_prepare)
         r = app.router
         r.add_get("/health/live", self.live)
         r.add_get("/health/ready", self.ready)
@@ -276,44 +312,54 @@ class Api:
             return None, bad_request("'model' must be a non-empty string", "model")
         return body, None
 
-    def _lookup(self, name: str) -> ModelEntry | None:
-        """Names are names: a catalog id, name or alias; never a path on disk."""
+    def _lookup(self, name: str) -> ModelEntry | web.Response:
+        """Names are names: a catalog id, name or alias, never a path on disk."""
         res = self.rt.catalog.resolve(name)
-        if res is None or res.adapter is not None:
-            return None
+        if res is None:
+            return not_found_model(name, self.rt.catalog.names())
+        if res.adapter is not None:
+            return bad_request(f"'{name}' is an adapter of model '{res.entry.id}': load or unload "
+                               f"'{res.entry.id}' (requests naming the adapter load it on demand)", "model")
         return res.entry
 
     async def load(self, request: web.Request) -> web.Response:
+        """llama.cpp's `POST /models/load`: starts the load and answers at once (`?wait=1` blocks).
+
+        A load that does not fit evicts idle models like a request would. Refusals known up
+        front (unknown, already running, cannot fit, in back-off) are answered synchronously.
+        """
         body, err = await self._admin_body(request)
         if err is not None:
             return err
         assert body is not None
         entry = self._lookup(body["model"])
-        if entry is None:
-            return not_found_model(body["model"], self.rt.catalog.names())
+        if isinstance(entry, web.Response):
+            return entry
         m = self.rt.scheduler.models[entry.id]
-        if m.state in (State.READY, State.DRAINING):
-            return bad_request(f"model '{entry.id}' is already running", "model")
-        wait = request.query.get("wait") not in (None, "", "0", "false")
+        wait = _flag(request, "wait")
+        if m.state == State.READY or (m.state.public == "loading" and not wait):
+            return bad_request(f"model '{entry.id}' is already running ({m.state.public})", "model")
         await self.rt.prepare(entry)
         task = asyncio.ensure_future(self.rt.scheduler.load(entry.id, reason="manual"))
-        if not wait:
+        await asyncio.sleep(0)  # let the scheduler admit or refuse it before answering
+        if task.done() or wait:
+            try:
+                await asyncio.shield(task)  # a client that stops waiting does not cancel the load
+            except SchedulerError as e:
+                return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
+        else:
             task.add_done_callback(_log_failure(entry.id))
-            return web.json_response({"success": True})
-        try:
-            await task
-        except LoadFailed as e:
-            return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
         return web.json_response({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:
+        """llama.cpp's `POST /models/unload`: drains in-flight requests, then stops the child."""
         body, err = await self._admin_body(request)
         if err is not None:
             return err
         assert body is not None
         entry = self._lookup(body["model"])
-        if entry is None:
-            return not_found_model(body["model"], self.rt.catalog.names())
+        if isinstance(entry, web.Response):
+            return entry
         m = self.rt.scheduler.models[entry.id]
         if m.state == State.UNLOADED and not m.queue:
             return bad_request(f"model '{entry.id}' is not running", "model")
@@ -321,8 +367,8 @@ class Api:
         if m.pinned and not force:
             return bad_request(f"model '{entry.id}' is pinned; unload it with \"force\": true", "force")
         task = asyncio.ensure_future(self.rt.scheduler.unload(entry.id, force=force, reason="manual"))
-        if request.query.get("wait") not in (None, "", "0", "false"):
-            await task
+        if _flag(request, "wait"):
+            await asyncio.shield(task)
         else:
             task.add_done_callback(_log_failure(entry.id))
         return web.json_response({"success": True})
@@ -362,16 +408,27 @@ class Api:
         return web.json_response(self.status_json())
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: the status JSON whenever something changed (checked 4x a second)."""
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        """Server-sent events: the status JSON whenever something the page shows changed.
+
+        Checked 4x a second; ever-changing numbers (idle seconds, probe bytes) alone do not
+        trigger a send, but a heartbeat every 5 s keeps them fresh and the connection alive.
+        """
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        last = None
-        while not self.rt.closing:
-            doc = json.dumps(self.status_json(), default=str)
-            if doc != last:
-                await resp.write(f"data: {doc}\n\n".encode())
-                last = doc
-            await asyncio.sleep(0.25)
+        last_sig = None
+        last_sent = 0.0
+        try:
+            while not self.rt.closing:
+                doc = self.status_json()
+                sig = _signature(doc)
+                now = time.monotonic()
+                if sig != last_sig or now - last_sent >= 5.0:
+                    await resp.write(f"data: {json.dumps(doc, default=str)}\n\n".encode())
+                    last_sig, last_sent = sig, now
+                await asyncio.sleep(0.25)
+        except (ConnectionResetError, ConnectionError):
+            pass  # the page went away
         return resp
 
     async def page(self, request: web.Request) -> web.StreamResponse:
@@ -379,6 +436,19 @@ class Api:
         if not path.exists():
             return web.json_response(self.status_json())
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+def _signature(doc: dict[str, Any]) -> str:
+    """What makes a status document worth sending again (not the clock-driven numbers)."""
+    models = [{k: v for k, v in m["status"].items() if k not in ("idle_seconds",)} | {"id": m["id"]}
+              for m in doc["models"]]
+    return json.dumps([models, doc["ledger_bytes"], doc["ready"], doc["events"][:1]], default=str)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    """`?wait=1`, `?wait=true` or a bare `?wait` (llama.cpp checks only that a value is there)."""
+    value = request.query.get(name)
+    return value is not None and value.lower() not in ("0", "false", "no")
 
 
 def _log_failure(model: str) -> Callable[[asyncio.Future], None]:

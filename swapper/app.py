@@ -237,6 +237,9 @@ class JsonFormatter(logging.Formatter):
         swap = getattr(record, "swap", None)
         if swap:
             doc["swap"] = swap
+        rid = getattr(record, "request_id", None)
+        if rid:
+            doc["request_id"] = rid
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)

@@ -234,7 +234,7 @@ def _model_path(st: Settings, p: str, base: Path | None = None) -> Path:
     if path.is_absolute():
         return path
     root = st.models_path or base or Path(".")
-    return root / path
+    return root.absolute() / path
 
 
 def build_catalog(st: Settings, hf_cache: Iterable[Found] = ()) -> Catalog:

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the router", description="Run the router: one OpenAI-compatible "
                        "endpoint; models start on demand in child servers and are evicted to fit the budget.")
     add_setting_flags(s)
+    # llama-server router command lines (e.g. llmkube's) pass --metrics; swapper always serves /metrics
+    s.add_argument("--metrics", action="store_true", help=argparse.SUPPRESS)
 
     m = sub.add_parser("models", help="list discovered models with size, estimate and learned footprint")
     add_setting_flags(m)

@@ -124,17 +124,21 @@ class Settings:
 
     @property
     def state_path(self) -> Path:
-        return Path(os.path.expanduser(self.state_dir))
+        return Path(os.path.expanduser(self.state_dir)).absolute()
 
     @property
     def models_path(self) -> Path | None:
-        return Path(os.path.expanduser(self.models_dir)) if self.models_dir else None
+        # absolute: children run in their own working directories
+        return Path(os.path.expanduser(self.models_dir)).absolute() if self.models_dir else None
 
     def all_api_keys(self) -> list[str]:
         """Keys from --api-key plus those read from --api-key-file (one per line)."""
         keys = list(self.api_keys)
         if self.api_key_file:
-            text = Path(os.path.expanduser(self.api_key_file)).read_text()
+            try:
+                text = Path(os.path.expanduser(self.api_key_file)).read_text()
+            except OSError as e:
+                raise ConfigError(f"api_key_file {self.api_key_file}", "", f"cannot read: {e.strerror or e}") from None
             keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         return keys
 

@@ -7,8 +7,10 @@ only ever a known model id: anything else is counted under `unknown`, so clients
 the label space with made-up names.
 
 `swapper_queue_depth{model}` counts requests waiting for a model, including those waiting on a
-cold swap: it is the gauge a Gateway API Inference Extension endpoint picker should read
-(`--total-queued-requests-metric=swapper_queue_depth`).
+cold swap. A Gateway API Inference Extension endpoint picker takes the first series of a metric
+it is pointed at, so the node-wide sums `swapper_queued_requests` and `swapper_running_requests`
+(no labels) are what its `--total-queued-requests-metric` and `--total-running-requests-metric`
+flags should name; `swapper_queue_depth{model=NAME}` works for a pool that serves one model.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from .scheduler import Scheduler, SwapEvent
+    from .scheduler import Model, Scheduler, SwapEvent
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LOAD = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
@@ -103,6 +105,8 @@ class _SchedulerCollector:
             return []
         dev = f"{s.probe.kind}:{s.probe.index}"
         depth = GaugeMetricFamily("swapper_queue_depth", "Requests waiting for a model (including cold swaps).", labels=["model"])
+        queued = GaugeMetricFamily("swapper_queued_requests", "Requests waiting for any model (including cold swaps).")
+        running = GaugeMetricFamily("swapper_running_requests", "Requests being served by any model.")
         inflight = GaugeMetricFamily("swapper_inflight_requests", "Requests being served by a model.", labels=["model"])
         state = GaugeMetricFamily("swapper_model_state", "1 for the state each model is in.", labels=["model", "state"])
         footprint = GaugeMetricFamily("swapper_model_footprint_bytes", "Measured (else estimated) bytes of each model.", labels=["model"])
@@ -112,16 +116,22 @@ class _SchedulerCollector:
         probe_used = GaugeMetricFamily("swapper_probe_used_bytes", "Used memory as the probe reports it.", labels=["device"])
         probe_total = GaugeMetricFamily("swapper_probe_total_bytes", "Total memory as the probe reports it.", labels=["device"])
         host = GaugeMetricFamily("swapper_host_used_bytes", "Host bytes held by sleeping models.")
-        n_res = 0
+        n_res = n_queued = n_running = 0
         for m in s.models.values():
-            depth.add_metric([m.id], sum(1 for w in m.queue if w.counts))
+            waiting = sum(1 for w in m.queue if w.counts)
+            n_queued += waiting
+            n_running += m.inflight
+            depth.add_metric([m.id], waiting)
             inflight.add_metric([m.id], m.inflight)
             state.add_metric([m.id, m.state.value], 1)
-            if m.measured:
-                footprint.add_metric([m.id], m.measured)
+            size = m.measured or _known_estimate(s, m)
+            if size:
+                footprint.add_metric([m.id], size)
             if m.state.public == "loaded":
                 n_res += 1
         resident.add_metric([], n_res)
+        queued.add_metric([], n_queued)
+        running.add_metric([], n_running)
         cap.add_metric([dev], s.capacity)
         ledger.add_metric([dev], s.ledger_used())
         try:
@@ -131,4 +141,14 @@ class _SchedulerCollector:
         except Exception:
             pass
         host.add_metric([], s.host_used())
-        return [depth, inflight, state, footprint, resident, cap, ledger, probe_used, probe_total, host]
+        return [depth, queued, inflight, running, state, footprint, resident, cap, ledger, probe_used,
+                probe_total, host]
+
+
+def _known_estimate(s: Scheduler, m: Model) -> int | None:
+    """The estimate when it costs nothing to get (a scrape never reads a GGUF header)."""
+    try:
+        est = s.estimator.peek(m.entry)
+    except Exception:
+        return None
+    return est.bytes if est else None

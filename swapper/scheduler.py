@@ -79,6 +79,12 @@ class ShuttingDown(SchedulerError):
     status, code = 503, "shutting_down"
 
 
+class UnknownModel(SchedulerError):
+    """The model left the catalog (reload) between resolution and the lease."""
+
+    status, code, type = 404, "model_not_found", "invalid_request_error"
+
+
 class Unloaded(SchedulerError):
     """A manual load whose model was unloaded or removed before it became ready."""
 
@@ -453,6 +459,10 @@ class Scheduler:
             self._begin_stop(m, reason)
         elif m.state == State.EVICTING:
             self._release_claim(m)
+            if m.state == State.SLEEPING:
+                self._begin_stop(m, reason)
+            else:
+                self._notify_stopped(m)
         elif m.state == State.UNLOADED:
             self._notify_stopped(m)
         # LOADING / WAKING: stopped as soon as the load finishes (queue is empty, unload flag)
@@ -466,7 +476,7 @@ class Scheduler:
             raise ShuttingDown("swapper is shutting down")
         m = self.models.get(model_id)
         if m is None or m.removed:
-            raise KeyError(model_id)
+            raise UnknownModel(f"model '{model_id}' not found; known models: {', '.join(self.catalog.names())}")
         return m
 
     def _enqueue(self, m: Model, counts: bool, bounded: bool = True, reason: str = "demand") -> Waiter:
