@@ -75,9 +75,10 @@ class Runtime:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # one pooled session for every child; bytes pass through undecoded
+            # one pooled session for every child; bytes pass through undecoded; idle connections
+            # are dropped before llama-server's own 5 s keep-alive timeout closes them under us
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, force_close=False),
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=4.0),
                 auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 

@@ -255,7 +255,7 @@ def build_catalog(st: Settings, hf_cache: Iterable[Found] = ()) -> Catalog:
             put(_entry(st, f.name, f.engine, f.path, "models_dir", f.files, None, f.mmproj, f.draft))
     for f in hf_cache:
         if (f.name, f.engine) not in found and f.name not in st.models:
-            put(_entry(st, f.name, f.engine, f.path, "hf_cache", f.files, None))
+            put(_entry(st, f.name, f.engine, f.path, "hf_cache", f.files, None, f.mmproj, f.draft))
     for key, spec in st.models.items():
         name, _, eng = key.partition("@")
         engine = eng or spec.engine or st.defaults.engine

@@ -2,7 +2,8 @@
 
 Estimate = weights (sum of GGUF tensor bytes, read from headers only) + KV cache (layers x
 context x slots x (K + V dims) x bytes per element, from GGUF metadata and the child's cache-type
-args) + a per-process runtime overhead that depends on the device. Guessing over- or
+args) + a per-process runtime overhead that depends on the device. vLLM models (Hugging Face
+folders) are estimated by their backend from config.json and safetensors headers. Guessing over- or
 under-shoots (Ollama's lesson), so the footprint measured after a load replaces the estimate
 and is remembered on disk, keyed by file, size, mtime and engine args: the next estimate of the
 same model is exact.
@@ -280,6 +281,16 @@ class Estimator:
                 kv = kv_bytes(facts, entry.ctx_size, entry.parallel, entry.args)
                 overhead = int(base + share * facts.weights)
                 return Estimate(facts.weights + kv + overhead, facts.weights, kv, overhead, None, "estimate")
+        if entry.engine == "vllm":  # Hugging Face folder: config.json + safetensors headers
+            from .backends.vllm import estimate_parts
+
+            try:
+                weights, kv, overhead = estimate_parts(entry, self.device_kind)
+            except Exception as e:
+                log.warning("%s: cannot read the model's config (%s); estimating from file size", entry.id, e)
+            else:
+                if weights:
+                    return Estimate(weights + kv + overhead, weights, kv, overhead, None, "estimate")
         weights = entry.size
         overhead = int(base + share * weights)
         return Estimate(weights + overhead, weights, 0, overhead, None, "size")

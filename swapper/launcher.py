@@ -2,7 +2,9 @@
 
 Implements the scheduler's `Launcher` protocol with a backend per engine (argv, env, health
 route, sleep/wake) and `ChildProcess` (spawn, health poll, stop). Each child gets a free
-loopback port and a private working directory under the state dir, removed when it stops.
+loopback port and a private working directory under the state dir, removed when it stops or
+exits on its own. Backends with `serial_start` (vLLM: each cold start sizes its KV cache from
+the device's free memory) start one at a time per device.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class ChildInstance:
     def pids(self) -> list[int]:
         return self.process.pids()
 
+    def process_alive(self) -> bool:
+        return self.process.returncode is None
+
 
 class ProcessLauncher:
     def __init__(self, settings: Settings, probe: MemoryProbe, session_factory: Callable[[], aiohttp.ClientSession],
@@ -57,6 +62,7 @@ class ProcessLauncher:
         self.children: dict[str, ChildInstance] = {}
         self.prefetcher = prefetcher
         self.stop_grace = 10.0
+        self._start_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -74,18 +80,49 @@ class ProcessLauncher:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in entry.id)[:64]
         return tempfile.mkdtemp(prefix=f"{safe}-", dir=root)
 
+    def start_lock(self, backend: Backend) -> asyncio.Lock | None:
+        """The device's cold-start lock for engines that must not start side by side."""
+        if not getattr(backend, "serial_start", False):
+            return None
+        key = f"{self.probe.kind}:{self.probe.index}"
+        lock = self._start_locks.get(key)
+        if lock is None:
+            lock = self._start_locks[key] = asyncio.Lock()
+        return lock
+
     async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None]) -> ChildInstance:
         try:
             backend = self.backend(entry.engine)
+        except Exception as e:  # unknown engine
+            raise LoadError(str(e)) from e
+        lock = self.start_lock(backend)
+        if lock is None:
+            return await self._start(entry, backend, reserved, on_exit)
+        async with lock:
+            return await self._start(entry, backend, reserved, on_exit)
+
+    async def _start(self, entry: ModelEntry, backend: Backend, reserved: int,
+                     on_exit: Callable[[int | None], None]) -> ChildInstance:
+        workdir = ""
+        try:
             port = free_port()
             workdir = self._workdir(entry)
             spec = backend.start_spec(entry, port, self.probe, reserved, workdir)
         except Exception as e:  # engine not installed, bad model entry, ...
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
             raise LoadError(str(e)) from e
         import os
 
+        if self.prefetcher is not None:
+            self.prefetcher.forget(entry)
         env = {**os.environ, **spec.env}
-        proc = ChildProcess(entry.id, spec.argv, env=env, cwd=workdir, grace=self.stop_grace, on_exit=on_exit)
+
+        def exited(code: int | None) -> None:  # a crash: nothing else will clean up after it
+            self._cleanup(inst)
+            on_exit(code)
+
+        proc = ChildProcess(entry.id, spec.argv, env=env, cwd=workdir, grace=self.stop_grace, on_exit=exited)
         inst = ChildInstance(entry, backend, proc, port, workdir)
         try:
             await proc.start()

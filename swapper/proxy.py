@@ -84,6 +84,10 @@ def multipart_model(body: bytes, content_type: str) -> str | None:
     return hit.group(1).decode(errors="replace").strip() if hit else None
 
 
+def _upstream_error(model: str, e: BaseException) -> web.Response:
+    return error_response(f"model '{model}' did not answer: {e.__class__.__name__}: {e}", 502, "upstream_error")
+
+
 class Proxy:
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -221,11 +225,7 @@ class Proxy:
         entry = res.entry
         path = request.path
         await rt.prepare(entry)
-        try:
-            lease_cm = rt.scheduler.acquire(entry.id, res.adapter)
-        except KeyError:
-            return not_found_model(entry.id, rt.catalog.names())
-        async with lease_cm as lease:
+        async with rt.scheduler.acquire(entry.id, res.adapter) as lease:
             inst = lease.instance
             payload = raw
             if body is not None:
@@ -239,13 +239,21 @@ class Proxy:
                 url += "?" + request.query_string
             timeout = aiohttp.ClientTimeout(total=None, connect=rt.settings.upstream_connect_timeout,
                                             sock_read=rt.settings.upstream_read_timeout)
-            try:
+            for attempt in (1, 2):
                 upstream_cm = rt.session.request(request.method, url, data=payload or None, headers=headers,
                                                  timeout=timeout, allow_redirects=False)
-                upstream = await upstream_cm.__aenter__()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                return error_response(f"model '{entry.id}' did not answer: {e.__class__.__name__}: {e}", 502,
-                                      "upstream_error")
+                try:
+                    upstream = await upstream_cm.__aenter__()
+                    break
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                    # a pooled connection the child closed just as it was reused (llama-server
+                    # drops idle keep-alive connections after 5 s): once more on a fresh one
+                    if attempt == 1 and inst.process_alive():
+                        log.debug("model %s: retrying on a fresh connection after %r", entry.id, e)
+                        continue
+                    return _upstream_error(entry.id, e)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                    return _upstream_error(entry.id, e)
             try:
                 return await self._stream_back(request, upstream, entry.id, t0)
             finally:

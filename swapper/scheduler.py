@@ -206,6 +206,7 @@ class Model:
     removed: bool = False
     stop_waiters: list[asyncio.Future] = field(default_factory=list)
     load_seconds: float | None = None
+    prefetch_asked: bool = False  # files read ahead while it waits for room
 
     @property
     def id(self) -> str:
@@ -574,6 +575,8 @@ class Scheduler:
                 self._stop_now(m)
             elif m.state == State.EVICTING and not m.queue:
                 self._release_claim(m)
+            if not m.queue:
+                m.prefetch_asked = False
         if self.closing:
             return
         pending = sorted((m for m in self.models.values()
@@ -594,9 +597,11 @@ class Scheduler:
             if blocked_head is not None:
                 if now - blocked_head.queue[0].enqueued < self.cfg.max_wait:
                     self._admit(m, now, evict=False)
+                self._prefetch_waiting(m)
                 continue
             if not self._admit(m, now, evict=True):
                 blocked_head = m
+                self._prefetch_waiting(m)
                 if now - m.queue[0].enqueued >= self.cfg.max_wait:
                     self._drain_for(m)
 
@@ -696,6 +701,12 @@ class Scheduler:
             self._begin_stop(v, "budget")
         self._prefetch(m)
 
+    def _prefetch_waiting(self, m: Model) -> None:
+        """Requests are queued but the model cannot start yet: read its files meanwhile."""
+        if m.state == State.UNLOADED and not m.prefetch_asked:
+            m.prefetch_asked = True
+            self._prefetch(m)
+
     def _prefetch(self, m: Model) -> None:
         """Overlap the incoming model's disk reads with the victims' drain and stop."""
         if not self.cfg.prefetch:
@@ -710,6 +721,7 @@ class Scheduler:
     def _start(self, m: Model, now: float) -> None:
         sleeping = m.state == State.SLEEPING or (m.state == State.EVICTING and m.instance is not None)
         m.reserved = self.need(m)
+        m.prefetch_asked = False
         m.transition_started = m.transition_started if m.state == State.EVICTING else now
         if sleeping:
             m.host_reserved = 0

@@ -79,7 +79,7 @@ def test_double_forked_daemons_are_reaped_when_the_child_exits(tmp_path):
 
 def test_sigkill_of_the_supervisor_stops_the_whole_tree(tmp_path):
     script = tmp_path / "sup.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(textwrap.dedent("""
         import os, subprocess, sys, time
         subprocess.Popen([sys.executable, "-m", "swapper.keeper", "--grace", "1", "--parent", str(os.getpid()),
                           "--", "sh", "-c", "sleep 301 & sleep 301 & wait"], start_new_session=True)

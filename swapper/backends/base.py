@@ -27,6 +27,7 @@ class Backend:
 
     name = "base"
     supports_sleep = False
+    serial_start = False  # cold starts one at a time per device (vLLM sizes itself from free memory)
 
     def start_spec(self, entry: ModelEntry, port: int, probe: MemoryProbe, reserved: int,
                    workdir: str) -> StartSpec:
