@@ -199,21 +199,27 @@ def swapper_factory(tmp_path: Path, llama_server_bin: str) -> Iterator:
     for s in started:
         children = s.child_pids() if s.proc.poll() is None else []
         s.stop()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(p) for p in children):
-            time.sleep(0.1)
-        left = [p for p in children if _alive(p)]
+        left = wait_gone(children, 15)
         for p in left:
             os.kill(p, signal.SIGKILL)
         assert not left, f"processes left behind after swapper stopped: {left}"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    """Wait for processes to end; the ones still alive afterwards."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
 
 
 def _live(s: Swapper) -> bool:

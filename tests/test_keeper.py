@@ -9,22 +9,8 @@ import sys
 import textwrap
 import time
 
+from conftest import wait_gone
 from swapper.keeper import descendants
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and any(alive(p) for p in pids):
-        time.sleep(0.05)
-    return [p for p in pids if alive(p)]
 
 
 def keeper(*cmd: str, grace: float = 2.0) -> subprocess.Popen:

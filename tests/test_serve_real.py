@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 
-from conftest import link, synth_file
+from conftest import link, synth_file, wait_gone
 
 pytestmark = pytest.mark.real
 
@@ -173,18 +173,7 @@ def test_supervisor_sigkill_leaves_no_llama_server_behind(swapper_factory, model
     assert len(s.engine_pids()) == 2
     s.proc.kill()
     s.proc.wait(10)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and _running(p) for p in pids):
-        time.sleep(0.1)
-    assert not [p for p in pids if os.path.exists(f"/proc/{p}") and _running(p)]
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert wait_gone(pids, 15) == []
 
 
 def test_client_disconnect_cancels_the_upstream_generation(swapper_factory, models_dir):

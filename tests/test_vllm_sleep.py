@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import alive
 from fake_vllm import hf_folder
 from schedfakes import FakeInstance, FakeLauncher, MiB, world
 from swapper.catalog import ModelEntry
@@ -202,7 +203,7 @@ def test_host_budget_overflow_stops_the_lru_sleeper_process(swapper_factory, tmp
     assert s.status("b")["value"] == "sleeping" and s.status("c")["value"] == "loaded"
     log = tmp_path / "events.jsonl"
     a_pid = next(e["pid"] for e in events(log) if e["event"] == "start" and e["model"] == "a")
-    s.wait_for(lambda: not _alive(a_pid), 20, "a's engine to exit")
+    s.wait_for(lambda: not alive(a_pid), 20, "a's engine to exit")
     kinds = [e["event"] for e in events(log) if e["model"] == "a"]
     assert "sleep" in kinds and kinds[-1] == "exit", "slept first, then stopped with SIGTERM when b slept too"
     assert not s.status("a")["failed"]
@@ -250,9 +251,3 @@ def test_engine_crash_leaves_no_socket_files(swapper_factory, tmp_path, openai_c
     assert not list((s.state_dir / "run").rglob("*")), "nothing left in the children's run directory"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
