@@ -90,6 +90,9 @@ class Runtime:
 
     async def prepare(self, entry: ModelEntry) -> None:
         """Compute a model's estimate off the event loop (reading a big vocabulary takes a while)."""
+        m = self.scheduler.models.get(entry.id)
+        if m is not None and m.measured:
+            return  # the hot path: a model measured once needs no estimate again
         if self.estimator.peek(entry) is None:
             await asyncio.get_running_loop().run_in_executor(None, self.estimate_quietly, entry)
 

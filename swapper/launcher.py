@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import aiohttp
@@ -82,7 +82,7 @@ class ProcessLauncher:
 
     def start_lock(self, backend: Backend) -> asyncio.Lock | None:
         """The device's cold-start lock for engines that must not start side by side."""
-        if not getattr(backend, "serial_start", False):
+        if not backend.serial_start:
             return None
         key = f"{self.probe.kind}:{self.probe.index}"
         lock = self._start_locks.get(key)
@@ -112,8 +112,6 @@ class ProcessLauncher:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise LoadError(str(e)) from e
-        import os
-
         if self.prefetcher is not None:
             self.prefetcher.forget(entry)
         env = {**os.environ, **spec.env}
@@ -175,6 +173,3 @@ class ProcessLauncher:
         """Synchronous last resort (atexit): no child may outlive swapper."""
         for inst in list(self.children.values()):
             inst.process.kill_now()
-
-    def workdirs_root(self) -> Path:
-        return self.settings.state_path / "run"
