@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from .api import Api, make_middlewares
+from .backends.llamacpp import LLAMA_HTTP_THREADS
 from .catalog import Catalog, ModelEntry, build_catalog
 from .config import ConfigError, Settings, load_settings
 from .estimate import Estimate, Estimator, FootprintStore
@@ -35,6 +36,7 @@ from .scheduler import Launcher, Scheduler, SchedulerConfig, SwapEvent
 from .systemd import notify
 
 log = logging.getLogger("swapper")
+CHILD_CONNECTIONS = LLAMA_HTTP_THREADS - 2
 
 
 def scheduler_config(st: Settings) -> SchedulerConfig:
@@ -76,9 +78,12 @@ class Runtime:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # one pooled session for every child; bytes pass through undecoded; idle connections
-            # are dropped before llama-server's own 5 s keep-alive timeout closes them under us
+            # are dropped before llama-server's own 5 s keep-alive timeout closes them under us,
+            # and there are never more per child than it has HTTP threads (an idle kept-alive
+            # connection holds one of llama-server's threads: more would stall new requests)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=4.0),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=CHILD_CONNECTIONS, ttl_dns_cache=None,
+                                               keepalive_timeout=4.0),
                 auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
@@ -304,7 +309,16 @@ def _fmt(n: int) -> str:
 def serve(st: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
     setup_logging(st.log_level, st.log_format)
     raise_nofile_limit()
-    return asyncio.run(serve_async(st, reload_settings))
+    return _run(serve_async(st, reload_settings))
+
+
+def _run(coro: Any) -> int:
+    """uvloop where it is installed (it roughly halves the proxy's CPU per request), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def settings_loader(ns: Any) -> Callable[[], Settings]:

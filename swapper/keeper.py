@@ -103,7 +103,8 @@ def _terminate_tree(child_pgid: int, grace: float) -> None:
         _reap()
         if not descendants(me):
             return
-        time.sleep(0.05)
+        # woken by the next child exit (SIGCHLD is blocked, so it waits here) or after 50 ms
+        signal.sigtimedwait({signal.SIGCHLD}, 0.05)
     _signal_all(descendants(me), signal.SIGKILL)
     try:
         os.killpg(child_pgid, signal.SIGKILL)
@@ -112,7 +113,7 @@ def _terminate_tree(child_pgid: int, grace: float) -> None:
     end = time.monotonic() + 5
     while descendants(me) and time.monotonic() < end:
         _reap()
-        time.sleep(0.02)
+        signal.sigtimedwait({signal.SIGCHLD}, 0.02)
     _reap()
 
 

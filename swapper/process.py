@@ -21,7 +21,10 @@ from typing import Callable
 
 import aiohttp
 
+from . import keeper as _keeper
 from .keeper import descendants
+
+KEEPER = _keeper.__file__
 
 log = logging.getLogger("swapper.process")
 child_log = logging.getLogger("swapper.child")
@@ -44,6 +47,27 @@ def raise_nofile_limit() -> tuple[int, int]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     return soft, hard
+
+
+_LEVELS = {"E": logging.ERROR, "W": logging.WARNING}
+
+
+def _line_level(text: str, healthy: bool) -> int:
+    """The log level for one line of child output.
+
+    Warnings and errors always show (llama.cpp marks its lines ` W ` / ` E ` after the
+    timestamp; other engines say WARNING / ERROR); start-up chatter shows at INFO; once the child
+    is healthy, its per-request chatter (several lines a request) goes to DEBUG, because
+    re-logging it costs the proxy real CPU on a box whose cores the engine needs.
+    """
+    parts = text.split(" ", 2)
+    if len(parts) > 1 and parts[1] in _LEVELS:
+        return _LEVELS[parts[1]]
+    if "ERROR" in text or "Traceback" in text:
+        return logging.ERROR
+    if "WARNING" in text:
+        return logging.WARNING
+    return logging.DEBUG if healthy else logging.INFO
 
 
 class ChildExited(Exception):
@@ -73,6 +97,7 @@ class ChildProcess:
         self._waiter: asyncio.Task | None = None
         self.exited = asyncio.Event()
         self.started_at = 0.0
+        self.healthy = False
 
     @property
     def pid(self) -> int | None:
@@ -85,7 +110,9 @@ class ChildProcess:
         return [self.proc.pid, *descendants(self.proc.pid)]
 
     async def start(self) -> None:
-        keeper = [sys.executable, "-m", "swapper.keeper", "--grace", str(self.grace),
+        # the keeper needs only the standard library: -S -E skips site-packages and the
+        # environment's hooks, which halves its start-up
+        keeper = [sys.executable, "-S", "-E", KEEPER, "--grace", str(self.grace),
                   "--parent", str(os.getpid()), "--"]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -111,7 +138,9 @@ class ChildProcess:
             text = line.decode(errors="replace").rstrip()
             if text:
                 self.tail.append(text)
-                child_log.info("[%s] %s", self.name, text)
+                level = _line_level(text, self.healthy)
+                if child_log.isEnabledFor(level):
+                    child_log.log(level, "[%s] %s", self.name, text)
 
     async def _wait(self) -> None:
         assert self.proc is not None
@@ -129,24 +158,27 @@ class ChildProcess:
     async def wait_healthy(self, url: str, timeout: float, session: aiohttp.ClientSession,
                            ok: Callable[[int], bool] = lambda s: s == 200) -> None:
         """Poll `url` until it answers OK; raise ChildExited or TimeoutError."""
-        deadline = time.monotonic() + timeout
-        delay = 0.02
+        t0 = time.monotonic()
+        deadline = t0 + timeout
         while True:
             if self.exited.is_set():
                 raise ChildExited(self.returncode, list(self.tail))
             try:
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as r:
                     if ok(r.status):
+                        self.healthy = True
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 pass
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise asyncio.TimeoutError(f"{self.name} not healthy after {timeout:g}s")
+            # small models are up in tens of milliseconds: poll tightly at first, then back off
+            delay = 0.01 if now - t0 < 2.0 else 0.1 if now - t0 < 10.0 else 0.25
             try:
                 await asyncio.wait_for(self.exited.wait(), delay)
             except asyncio.TimeoutError:
                 pass
-            delay = min(delay * 1.5, 0.25)
 
     async def stop(self, grace: float | None = None) -> int | None:
         """SIGTERM the tree (via the keeper), SIGKILL the group if it lingers."""

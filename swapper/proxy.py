@@ -237,7 +237,13 @@ class Proxy:
             url = inst.base_url + path
             if request.query_string:
                 url += "?" + request.query_string
-            timeout = aiohttp.ClientTimeout(total=None, connect=rt.settings.upstream_connect_timeout,
+            if body is not None and body.get("stream") is True:
+                # llama-server drops the connection after a stream without saying so: never
+                # return such a connection to the pool
+                headers["Connection"] = "close"
+            # sock_connect, not connect: waiting for a pooled connection (many requests granted
+            # at once after a cold swap) is not a connect timeout
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=rt.settings.upstream_connect_timeout,
                                             sock_read=rt.settings.upstream_read_timeout)
             for attempt in (1, 2):
                 upstream_cm = rt.session.request(request.method, url, data=payload or None, headers=headers,

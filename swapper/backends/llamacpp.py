@@ -21,6 +21,10 @@ from ..engines import find_llama_server
 from ..gpu import MemoryProbe
 from .base import Backend, StartSpec
 
+# HTTP threads each child gets (llama-server's default is about slots + 2): swapper's pool keeps
+# connections alive, and each open connection holds a thread, so it keeps fewer than this
+LLAMA_HTTP_THREADS = 16
+
 _ADAPTER_ROUTES = ("/v1/chat/completions", "/v1/completions", "/completion", "/completions",
                    "/chat/completions", "/infill", "/v1/responses", "/v1/messages")
 
@@ -55,7 +59,10 @@ class LlamaCppBackend(Backend):
             argv += ["--lora", str(a.path)]
         if entry.adapters:
             argv.append("--lora-init-without-apply")
-        argv += [*eng.args, *entry.args]
+        extra = [*eng.args, *entry.args]
+        if not any(a == "--threads-http" or a.startswith("--threads-http=") for a in extra):
+            argv += ["--threads-http", str(max(LLAMA_HTTP_THREADS, entry.parallel + 4))]
+        argv += extra
         env = {**eng.env, **dict(entry.env), **probe.child_env()}
         return StartSpec(argv=argv, env=env, health_path="/health")
 
