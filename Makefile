@@ -47,3 +47,13 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# Benchmarks against llama-server directly and llama.cpp's router mode (bench/run.py --help).
+# `make bench`: the quick CPU version (a few minutes) -> bench/RESULTS.md; `make bench-full`: the whole matrix.
+BENCH_ARGS ?=
+
+bench: llama-server
+	$(PY) bench/run.py --quick --out bench/RESULTS.md $(BENCH_ARGS)
+
+bench-full: llama-server
+	$(PY) bench/run.py --out bench/RESULTS-full.md $(BENCH_ARGS)

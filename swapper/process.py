@@ -49,25 +49,22 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, hard
 
 
-_LEVELS = {"E": logging.ERROR, "W": logging.WARNING}
-
-
 def _line_level(text: str, healthy: bool) -> int:
-    """The log level for one line of child output.
+    """The log level for one line of child output (every line also goes to the tail).
 
-    Warnings and errors always show (llama.cpp marks its lines ` W ` / ` E ` after the
-    timestamp; other engines say WARNING / ERROR); start-up chatter shows at INFO; once the child
-    is healthy, its per-request chatter (several lines a request) goes to DEBUG, because
-    re-logging it costs the proxy real CPU on a box whose cores the engine needs.
+    Until the child is healthy everything shows (INFO; warnings and errors at their level): that
+    is when a misconfigured model says why. Once it serves, only its errors show; its
+    per-request chatter — several lines a request, llama.cpp's ` W ` cache notes among them —
+    goes to DEBUG, because re-logging it costs the proxy CPU that the engine needs.
     """
-    parts = text.split(" ", 2)
-    if len(parts) > 1 and parts[1] in _LEVELS:
-        return _LEVELS[parts[1]]
-    if "ERROR" in text or "Traceback" in text:
+    level = text.split(" ", 2)[1] if text.count(" ") >= 2 else ""
+    if level == "E" or "ERROR" in text or "Traceback" in text:
         return logging.ERROR
-    if "WARNING" in text:
+    if healthy:
+        return logging.DEBUG
+    if level == "W" or "WARNING" in text:
         return logging.WARNING
-    return logging.DEBUG if healthy else logging.INFO
+    return logging.INFO
 
 
 class ChildExited(Exception):

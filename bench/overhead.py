@@ -1,0 +1,174 @@
+"""1. Proxy overhead: the same model served directly, through swapper and through router mode.
+
+Short non-streaming completions (8 tokens) and streamed ones (128 tokens) at each concurrency.
+Every repetition runs the three targets back to back in a rotated, shuffled order, so drift on
+a shared machine touches all three alike; ratios are taken within a repetition and reported as
+median (min–max) over repetitions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .context import Ctx
+from .driver import Req, RunStats, completion
+from .models import link_dir, synth
+from .report import Goal, Section, md_table
+from .servers import Server, describe, start_direct, start_router, start_swapper, swapper_config
+from .stats import Spread, ratio
+
+TARGETS = ("direct", "swapper", "router")
+WORKLOADS = (("short", False, 8), ("stream", True, 128))
+MODEL = "tiny"
+
+Metric = tuple[str, Callable[[RunStats], float], bool]  # label, value, higher is better
+METRICS: list[Metric] = [
+    ("p50 latency ms", lambda s: s.p50_ms, False),
+    ("p99 latency ms", lambda s: s.p99_ms, False),
+    ("p50 first token ms", lambda s: s.ttft_p50_ms, False),
+    ("tokens/s", lambda s: s.tokens_per_s, True),
+    ("requests/s", lambda s: s.req_per_s, True),
+    ("proxy CPU ms/request", lambda s: s.cpu_ms, False),
+]
+
+
+def _check(reqs: list[Req], target: str, server: Server, errors: dict[str, list[str]]) -> None:
+    """Failed requests are counted and reported; only a target that answers nothing stops the run."""
+    bad = [r for r in reqs if r.status != 200]
+    errors.setdefault(target, []).extend(f"{r.status} {(r.error or '')[:160]}" for r in bad)
+    if bad and len(bad) == len(reqs):
+        raise RuntimeError(f"{target}: all {len(reqs)} requests failed, first: {bad[0].status} "
+                           f"{bad[0].error}\n{server.log_tail(10)}")
+
+
+Results = dict[tuple[str, int], dict[str, list[RunStats]]]
+
+
+def measure(ctx: Ctx, servers: dict[str, Server], errors: dict[str, list[str]]) -> Results:
+    p = ctx.profile
+    lg = ctx.loadgen
+    for t, s in servers.items():  # warm up: load, fill caches, open keep-alive connections
+        for _ in range(2):
+            for wl, stream, tokens in WORKLOADS:
+                reqs, wall = lg.run(s.url, completion(MODEL, tokens, stream), 10 if not stream else 3, 1)
+                _check(reqs, t, s, {})
+    out: Results = {}
+    rng = ctx.rng(1)
+    for wl, stream, tokens in WORKLOADS:
+        for c in p.concurrency:
+            n = p.requests(stream, c)
+            body = completion(MODEL, tokens, stream)
+            per: dict[str, list[RunStats]] = {t: [] for t in TARGETS}
+            for rep in range(p.reps):
+                order = list(TARGETS[rep % 3:] + TARGETS[:rep % 3])
+                if rep >= 3:
+                    rng.shuffle(order)
+                for t in order:
+                    cpu0 = servers[t].cpu_seconds()
+                    reqs, wall = lg.run(servers[t].url, body, n, c)
+                    cpu = (servers[t].cpu_seconds() - cpu0) * 1000 / max(1, len(reqs))
+                    _check(reqs, t, servers[t], errors)
+                    per[t].append(RunStats.of(reqs, wall, cpu_ms=cpu if t != "direct" else math.nan))
+            out[(wl, c)] = per
+            ctx.log(f"overhead {wl} c={c}: p50 ms " + ", ".join(
+                f"{t} {Spread.of(s.p50_ms for s in per[t]).med:.2f}" for t in TARGETS))
+    return out
+
+
+def run(ctx: Ctx) -> Section:
+    p = ctx.profile
+    d = ctx.dir("overhead")
+    model = synth(p.overhead_mib, seed=1)
+    models_dir = link_dir(d / "models", {MODEL: model})
+    layout = ctx.layout
+    servers = {
+        "direct": start_direct(layout, model, MODEL, d),
+        "swapper": start_swapper(layout, d, swapper_config(layout), models_dir=models_dir),
+        "router": start_router(layout, models_dir, d, models_max=1),
+    }
+    errors: dict[str, list[str]] = {}
+    try:
+        for s in servers.values():
+            s.wait_healthy()
+        results = measure(ctx, servers, errors)
+    finally:
+        for s in servers.values():
+            s.stop()
+    return _section(ctx, results, servers, model.stat().st_size, errors)
+
+
+def _section(ctx: Ctx, results: Results, servers: dict[str, Server], model_bytes: int,
+             errors: dict[str, list[str]]) -> Section:
+    p = ctx.profile
+    rows = []
+    worst_stream = math.inf
+    router_worse: list[str] = []
+    for (wl, c), per in results.items():
+        for label, fn, higher in METRICS:
+            if wl == "short" and "first token" in label:
+                continue  # the whole answer is the first token
+            vals = {t: Spread.of(fn(s) for s in per[t]) for t in TARGETS}
+            sd = Spread.of(ratio(fn(a), fn(b)) for a, b in zip(per["swapper"], per["direct"]))
+            sr = Spread.of(ratio(fn(a), fn(b)) for a, b in zip(per["swapper"], per["router"]))
+            digits = 0 if vals["direct"].med >= 100 else 2
+            if "proxy CPU" in label:  # the front process alone: swapper, or router mode's router
+                # CPU time comes in 10 ms clock ticks: totals over all repetitions, not per-run medians
+                cpu = {t: sum(s.cpu_ms * s.n for s in per[t]) / max(1, sum(s.n for s in per[t])) for t in TARGETS}
+                rows.append((wl, c, label + " (all runs)", "–", f"{cpu['swapper']:.2f}", f"{cpu['router']:.2f}", "–",
+                             f"{ratio(cpu['swapper'], cpu['router']):.2f}"))
+                continue
+            rows.append((wl, c, label, *(f"{vals[t].med:.{digits}f}" for t in TARGETS), sd.fmt(3), sr.fmt(3)))
+            if wl == "stream" and label == "tokens/s":
+                worst_stream = min(worst_stream, sd.med)
+            if label in ("p50 latency ms", "tokens/s"):
+                if (higher and sr.med < 1.0) or (not higher and sr.med > 1.0):
+                    router_worse.append(f"{wl} c={c} {label} {sr.med:.3f}")
+    table = md_table(["workload", "conc.", "metric", "direct", "swapper", "router", "swapper/direct",
+                      "swapper/router"], rows)
+
+    added_rows = []
+    added_short = Spread.of([])
+    for wl, _, _ in WORKLOADS:
+        per = results.get((wl, 1))
+        if not per:
+            continue
+        sw = Spread.of(a.p50_ms - b.p50_ms for a, b in zip(per["swapper"], per["direct"]))
+        ro = Spread.of(a.p50_ms - b.p50_ms for a, b in zip(per["router"], per["direct"]))
+        added_rows.append((wl, sw.fmt(2), ro.fmt(2)))
+        if wl == "short":
+            added_short = sw
+    added = md_table(["workload (concurrency 1)", "swapper − direct, p50 ms", "router − direct, p50 ms"],
+                     added_rows)
+
+    sec = Section(
+        "1. Proxy overhead",
+        f"One synthetic llama model ({model_bytes / (1 << 20):.0f} MiB F16, random weights) served three ways. "
+        f"`short` = non-streaming, max_tokens 8; `stream` = streamed, max_tokens 128 (`ignore_eos`, so every "
+        f"answer has exactly that many tokens). Each cell is the median over {p.reps} repetitions; ratios are "
+        f"taken within a repetition and shown as median (min–max). For latencies a ratio below 1 favours "
+        f"swapper, for tokens/s and requests/s a ratio above 1 does. Requests per run: "
+        + ", ".join(f"c={c}: {p.requests(False, c)} short / {p.requests(True, c)} streamed" for c in p.concurrency)
+        + ". p99 of a few dozen requests is close to their maximum.",
+        [table, "Added latency at concurrency 1 (per repetition, then median (min–max)):", added])
+    sec.goals.append(Goal("p50 added latency, concurrency 1 (short)", "< 1 ms", added_short.fmt(2, " ms"),
+                          added_short.med < 1.0 if added_short.n else None))
+    sec.goals.append(Goal("streamed tokens/s vs direct (worst concurrency)", ">= 0.97x",
+                          f"{worst_stream:.3f}x" if worst_stream < math.inf else "n/a",
+                          worst_stream >= 0.97 if worst_stream < math.inf else None))
+    sec.goals.append(Goal("never slower than router mode (p50 latency, tokens/s)", "every ratio favours swapper",
+                          "; ".join(router_worse) or "all favour swapper", not router_worse))
+    sec.notes.append("Every front (swapper, router mode's router) and the engine share the server CPU, as "
+                     "they would on a CPU-only host: CPU a front spends per request (its own process, children "
+                     "excluded) is taken from generation, which is why it is reported.")
+    total = {t: sum(s.n for per in results.values() for s in per[t]) for t in TARGETS}
+    failed = {t: len(errors.get(t, [])) for t in TARGETS}
+    sec.goals.append(Goal("every measured request answered 200", "0 errors",
+                          ", ".join(f"{t} {failed[t]}/{total[t]}" for t in TARGETS), failed["swapper"] == 0))
+    for t in TARGETS:
+        if failed[t]:
+            kinds = sorted(set(errors[t]))
+            sec.notes.append(f"{t}: {failed[t]} of {total[t]} requests failed (excluded from the numbers): "
+                             + "; ".join(f"`{k}`" for k in kinds[:3]))
+    sec.commands += [describe(s) for s in servers.values()]
+    return sec

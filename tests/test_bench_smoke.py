@@ -1,0 +1,31 @@
+"""The benchmark runner runs end to end and prints its tables (no timing is asserted: benchmarks
+are not tests; `make bench` is where the numbers come from)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(600)
+def test_bench_quick_smoke_prints_a_table(tmp_path: Path, llama_server_bin: str) -> None:
+    out = tmp_path / "RESULTS.md"
+    env = {**os.environ, "SWAPPER_LLAMA_SERVER": llama_server_bin}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--smoke", "--out", str(out),
+                        "--workdir", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=580, env=env, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr[-4000:]
+    for title in ("## Goals", "## 1. Proxy overhead", "## 2. Swap latency", "## 3. Scale",
+                  "## 4. Budget fidelity", "## 5. Page cache"):
+        assert title in r.stdout, f"{title!r} missing:\n{r.stdout[-3000:]}"
+    assert "| workload | conc. | metric | direct | swapper | router | swapper/direct | swapper/router |" in r.stdout
+    assert "**Failed:**" not in r.stdout
+    assert out.read_text() == r.stdout

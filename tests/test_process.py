@@ -1,0 +1,36 @@
+"""Child output: everything kept in the tail, but only what an operator needs logged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import aiohttp
+
+from swapper.process import ChildExited, ChildProcess, _line_level
+
+
+def test_startup_lines_show_and_serving_chatter_goes_to_debug():
+    assert _line_level("0.00.004 I srv  load_model: loading model 'x.gguf'", healthy=False) == logging.INFO
+    assert _line_level("0.00.003 W srv  llama_server: no API key is set", healthy=False) == logging.WARNING
+    assert _line_level("0.06.121 W slot operator(): need to evaluate at least 1 token", healthy=True) == logging.DEBUG
+    assert _line_level("0.06.013 I slot print_timing: eval time = 5.95 ms", healthy=True) == logging.DEBUG
+    assert _line_level("0.07.000 E srv  send_error: task 3 failed", healthy=True) == logging.ERROR
+    assert _line_level("ERROR 11-23 engine core died", healthy=True) == logging.ERROR
+
+
+async def test_a_child_that_dies_during_start_reports_its_status_and_last_lines(caplog):
+    caplog.set_level(logging.INFO, logger="swapper.child")
+    code = "import sys; print('loading weights', flush=True); print('bad magic', file=sys.stderr); sys.exit(3)"
+    child = ChildProcess("broken", [sys.executable, "-c", code], grace=1.0)
+    await child.start()
+    async with aiohttp.ClientSession() as session:
+        try:
+            await child.wait_healthy("http://127.0.0.1:9/health", 30, session)
+            raise AssertionError("a dead child is never healthy")
+        except ChildExited as e:
+            assert e.code == 3
+            assert e.tail[-2:] == ["loading weights", "bad magic"]
+    await asyncio.wait_for(child.exited.wait(), 5)
+    assert "[broken] loading weights" in caplog.text
