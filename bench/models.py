@@ -41,41 +41,9 @@ def synth(size_mib: int, seed: int, tag: str = "") -> Path:
 
 def header_only(path: Path, seed: int = 0) -> Path:
     """A valid llama GGUF of a few KB: real metadata and vocabulary, 8-wide tensors."""
-    import gguf
-    import numpy as np
+    from swapper.synth import Shape, write_model
 
-    from swapper.synth import _vocab
-
-    d, n_ff, n_layer = 8, 16, 1
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(path.stem)
-    w.add_context_length(256)
-    w.add_embedding_length(d)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(1)
-    w.add_head_count_kv(1)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    tokens, scores, types = _vocab()
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-    def t(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
-
-    w.add_tensor("token_embd.weight", t(4, d))
-    w.add_tensor("output_norm.weight", np.ones(d, dtype=np.float32))
-    w.add_tensor("blk.0.attn_q.weight", t(d, d))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_model(path, seed=seed, ctx=256, shape=Shape(n_embd=8, n_layer=1, n_ff=16, n_head=1, n_head_kv=1))
     return path
 
 

@@ -300,17 +300,21 @@ class Api:
 
     # --------------------------------------------------------------------- admin
 
-    async def _admin_body(self, request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
+    async def _admin_target(self, request: web.Request) -> tuple[dict[str, Any], Model] | web.Response:
+        """The JSON body of a load/unload and the model it names (or the error answer)."""
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
-            return None, bad_request("request body is not valid JSON")
+            return bad_request("request body is not valid JSON")
         if not isinstance(body, dict):
-            return None, bad_request("request body must be a JSON object")
+            return bad_request("request body must be a JSON object")
         name = body.get("model")
         if not isinstance(name, str) or not name:
-            return None, bad_request("'model' must be a non-empty string", "model")
-        return body, None
+            return bad_request("'model' must be a non-empty string", "model")
+        entry = self._lookup(name)
+        if isinstance(entry, web.Response):
+            return entry
+        return body, self.rt.scheduler.models[entry.id]
 
     def _lookup(self, name: str) -> ModelEntry | web.Response:
         """Names are names: a catalog id, name or alias, never a path on disk."""
@@ -328,14 +332,11 @@ class Api:
         A load that does not fit evicts idle models like a request would. Refusals known up
         front (unknown, already running, cannot fit, in back-off) are answered synchronously.
         """
-        body, err = await self._admin_body(request)
-        if err is not None:
-            return err
-        assert body is not None
-        entry = self._lookup(body["model"])
-        if isinstance(entry, web.Response):
-            return entry
-        m = self.rt.scheduler.models[entry.id]
+        target = await self._admin_target(request)
+        if isinstance(target, web.Response):
+            return target
+        body, m = target
+        entry = m.entry
         wait = _flag(request, "wait")
         if m.state == State.READY or (m.state.public == "loading" and not wait):
             return bad_request(f"model '{entry.id}' is already running ({m.state.public})", "model")
@@ -353,14 +354,11 @@ class Api:
 
     async def unload(self, request: web.Request) -> web.Response:
         """llama.cpp's `POST /models/unload`: drains in-flight requests, then stops the child."""
-        body, err = await self._admin_body(request)
-        if err is not None:
-            return err
-        assert body is not None
-        entry = self._lookup(body["model"])
-        if isinstance(entry, web.Response):
-            return entry
-        m = self.rt.scheduler.models[entry.id]
+        target = await self._admin_target(request)
+        if isinstance(target, web.Response):
+            return target
+        body, m = target
+        entry = m.entry
         if m.state == State.UNLOADED and not m.queue:
             return bad_request(f"model '{entry.id}' is not running", "model")
         force = body.get("force") is True

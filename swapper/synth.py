@@ -32,9 +32,13 @@ class Shape:
     n_head_kv: int
 
     @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
     def n_params(self) -> int:
         per_layer = 2 * self.n_embd * self.n_embd  # q, o
-        per_layer += 2 * self.n_embd * (self.n_head_kv * HEAD_DIM)  # k, v
+        per_layer += 2 * self.n_embd * (self.n_head_kv * self.head_dim)  # k, v
         per_layer += 3 * self.n_embd * self.n_ff  # gate, up, down
         return self.n_layer * per_layer + 2 * N_VOCAB * self.n_embd
 
@@ -70,13 +74,13 @@ def _weights(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 0.
 
 
 def write_model(path: str | Path, size_bytes: int = 16 << 20, seed: int = 0, ctx: int = 4096,
-                name: str | None = None) -> Shape:
-    """Write a llama-architecture GGUF of about `size_bytes` with random weights."""
+                name: str | None = None, shape: Shape | None = None) -> Shape:
+    """Write a llama-architecture GGUF of about `size_bytes` (or of `shape`) with random weights."""
     import gguf
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    shape = shape_for_size(size_bytes)
+    shape = shape or shape_for_size(size_bytes)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name or path.stem)
@@ -86,7 +90,7 @@ def write_model(path: str | Path, size_bytes: int = 16 << 20, seed: int = 0, ctx
     w.add_feed_forward_length(shape.n_ff)
     w.add_head_count(shape.n_head)
     w.add_head_count_kv(shape.n_head_kv)
-    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_rope_dimension_count(shape.head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     tokens, scores, types = _vocab()
@@ -100,7 +104,7 @@ def write_model(path: str | Path, size_bytes: int = 16 << 20, seed: int = 0, ctx
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
 
-    d, kv = shape.n_embd, shape.n_head_kv * HEAD_DIM
+    d, kv = shape.n_embd, shape.n_head_kv * shape.head_dim
     w.add_tensor("token_embd.weight", _weights(rng, (N_VOCAB, d), 1.0))
     w.add_tensor("output_norm.weight", np.ones(d, dtype=np.float32))
     w.add_tensor("output.weight", _weights(rng, (N_VOCAB, d)))

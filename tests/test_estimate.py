@@ -7,7 +7,7 @@ from pathlib import Path
 
 from swapper.catalog import ModelEntry
 from swapper.estimate import Estimator, FootprintStore, footprint_key, kv_bytes, read_gguf
-from swapper.synth import HEAD_DIM, read_shape, write_model
+from swapper.synth import read_shape, write_model
 
 
 def model(tmp_path: Path, size: int = 4 << 20, seed: int = 0, ctx: int = 2048) -> Path:
@@ -29,7 +29,7 @@ def test_weights_are_the_sum_of_tensor_bytes_from_the_header(tmp_path):
     assert p.stat().st_size - facts.weights < 64 << 10
     shape = read_shape(p)
     assert facts.n_layer == shape.n_layer
-    assert facts.kv_dim == 2 * HEAD_DIM * shape.n_head_kv
+    assert facts.kv_dim == 2 * shape.head_dim * shape.n_head_kv
     assert facts.train_ctx == 2048
 
 
