@@ -1,6 +1,6 @@
 """A child server process: spawn under a keeper, poll health, keep a log tail, stop cleanly.
 
-Each child runs as `python -m swapper.keeper -- ENGINE ARGS...` in a session of its own (see
+Each child runs as `python -S -E keeper.py -- ENGINE ARGS...` in a session of its own (see
 keeper.py for why: no orphans, even when swapper is SIGKILLed or the engine forks workers).
 Stopping sends SIGTERM to the keeper, which passes it on and SIGKILLs leftovers after the grace
 period; if the keeper itself does not exit in time, its whole process group is SIGKILLed.

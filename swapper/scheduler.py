@@ -207,6 +207,8 @@ class Model:
     stop_waiters: list[asyncio.Future] = field(default_factory=list)
     load_seconds: float | None = None
     prefetch_asked: bool = False  # files read ahead while it waits for room
+    seen_bytes: int = 0  # probe's reading of a loading child (cached, see Scheduler._seen_bytes)
+    seen_at: float = float("-inf")
 
     @property
     def id(self) -> str:
@@ -381,12 +383,20 @@ class Scheduler:
         if m.state == State.EVICTING:
             return m.reserved
         if self.pid_visible and m.instance is not None:
-            try:
-                seen = self.probe.process_bytes(m.instance.pids()) or 0
-            except Exception:
-                seen = 0
-            return max(0, m.reserved - seen)
+            return max(0, m.reserved - self._seen_bytes(m))
         return m.reserved
+
+    def _seen_bytes(self, m: Model) -> int:
+        """What the probe shows a loading child holding, re-read at most every half second:
+        pumps run on every request, and reading a big process tree is not free."""
+        now = self.clock()
+        if now - m.seen_at >= 0.5 and m.instance is not None:
+            try:
+                m.seen_bytes = self.probe.process_bytes(m.instance.pids()) or 0
+            except Exception:
+                m.seen_bytes = 0
+            m.seen_at = now
+        return m.seen_bytes
 
     def room(self, exclude: Model | None = None) -> int:
         """Free bytes for a load: the smaller of what the ledger and the probe allow."""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import types
+import time
 from collections import namedtuple
 
 import pytest
@@ -167,3 +168,19 @@ def test_gpu_command_shows_what_was_detected():
     assert doc["selected"].startswith(("nvidia", "amd", "host"))
     r = subprocess.run([sys.executable, "-m", "swapper", "gpu"], capture_output=True, text=True, timeout=60)
     assert "TOTAL" in r.stdout and "host" in r.stdout
+
+
+def test_host_probe_uses_pss_for_multi_process_engines_so_shared_pages_count_once():
+    import psutil
+
+    procs = [subprocess.Popen([sys.executable, "-c", "import time, json, asyncio; time.sleep(30)"]) for _ in range(3)]
+    try:
+        time.sleep(1.0)
+        pids = [p.pid for p in procs]
+        rss = sum(psutil.Process(pid).memory_info().rss for pid in pids)
+        measured = HostProbe().process_bytes(pids)
+        assert measured is not None and 0 < measured < rss, "three interpreters share libpython's pages"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
