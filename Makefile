@@ -41,7 +41,7 @@ vllm: install
 test: llama-server vllm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Unit tests only (no child processes).
+# The suite without the tests that start real swapper and engine processes (~30 s).
 test-fast: install
 	$(PY) -m pytest -q -m 'not real' $(PYTEST_ARGS)
 

@@ -242,3 +242,10 @@ def openai_client():  # noqa: ANN201
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1)[:2000]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that starts a real swapper is a `real` test (`make test-fast` leaves them out)."""
+    for item in items:
+        if "swapper_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)
