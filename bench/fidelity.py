@@ -9,13 +9,11 @@ compared with the fewest possible for that workload, computed offline (stats.few
 
 from __future__ import annotations
 
-import threading
-import time
 
 from .context import Ctx
 from .driver import completion
 from .models import MiB, link_dir, synth
-from .procs import hand_run, pss
+from .procs import PeakSampler, hand_run, pss
 from .report import Goal, Section, md_table
 from .servers import Server, describe, start_router, start_swapper, swapper_config
 from .stats import belady_loads, fewest_loads, lru_misses, median
@@ -23,28 +21,6 @@ from .swap import KEEPER_ALLOWANCE
 
 NAMES = ("f1", "f2", "f3")
 
-
-class PssSampler(threading.Thread):
-    """Peak summed PSS of everything below a server process."""
-
-    def __init__(self, server: Server, every: float = 0.02):
-        super().__init__(daemon=True)
-        self.server = server
-        self.every = every
-        self.peak = 0
-        self.samples = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.peak = max(self.peak, pss(self.server.descendants()))
-            self.samples += 1
-            time.sleep(self.every)
-
-    def stop(self) -> int:
-        self.done.set()
-        self.join(10)
-        return self.peak
 
 
 def workload(ctx: Ctx) -> list[list[str]]:
@@ -61,7 +37,8 @@ def workload(ctx: Ctx) -> list[list[str]]:
 def run_one(ctx: Ctx, server: Server, groups: list[list[str]]) -> tuple[int, int, int, list[str]]:
     """Peak PSS, loads, sampler samples and errors for the workload on one server."""
     server.wait_healthy()
-    sampler = PssSampler(server)
+    # PSS of everything below the front process (engines, and swapper's keepers)
+    sampler = PeakSampler(lambda: pss(server.descendants()), every=0.02)
     sampler.start()
     try:
         bodies = [[completion(m, 4, False) for m in g] for g in groups]

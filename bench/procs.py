@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -52,6 +54,32 @@ def pss(procs: list[psutil.Process]) -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return total
+
+
+class PeakSampler(threading.Thread):
+    """The peak of `measure()` sampled every few milliseconds in the background (0 = gone)."""
+
+    def __init__(self, measure: Callable[[], int], every: float):
+        super().__init__(daemon=True)
+        self.measure = measure
+        self.every = every
+        self.peak = 0
+        self.samples = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.peak = max(self.peak, self.measure())
+            except psutil.NoSuchProcess:
+                return
+            self.samples += 1
+            time.sleep(self.every)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join(10)
+        return self.peak
 
 
 @dataclass

@@ -10,7 +10,6 @@ the same burst for comparison.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -19,35 +18,11 @@ import psutil
 from .context import Ctx
 from .driver import RunStats, completion
 from .models import MiB, link_dir, many_headers, synth
+from .procs import PeakSampler
 from .report import Goal, Section, md_table
 from .servers import Server, describe, http_get, start_router, start_swapper, swapper_config
 from .stats import Spread, median
 
-
-class RssSampler(threading.Thread):
-    """Peak RSS of one process, sampled every few milliseconds."""
-
-    def __init__(self, pid: int, every: float = 0.01):
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.every = every
-        self.peak = 0
-        self.samples = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.NoSuchProcess:
-                return
-            self.samples += 1
-            time.sleep(self.every)
-
-    def stop(self) -> int:
-        self.done.set()
-        self.join(5)
-        return self.peak
 
 
 def _timed_get(server: Server, path: str) -> tuple[float, int, int]:
@@ -114,8 +89,9 @@ def burst(ctx: Ctx, kind: str, n: int) -> tuple[tuple, Server, int, int]:
         warm, _ = ctx.loadgen.run(s.url, completion("a", 1, False), 1, 1)
         if warm[0].status != 200:
             raise RuntimeError(f"{kind}: model a did not answer: {warm[0].error}\n{s.log_tail()}")
-        sampler = RssSampler(s.proc.pid)
-        base = sampler.proc.memory_info().rss
+        front = psutil.Process(s.proc.pid)
+        sampler = PeakSampler(lambda: front.memory_info().rss, every=0.01)  # the front process alone
+        base = front.memory_info().rss
         sampler.start()
         reqs, wall = ctx.loadgen.run(s.url, completion("b", 1, False), n, n)
         peak = sampler.stop()
