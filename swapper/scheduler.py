@@ -625,11 +625,9 @@ class Scheduler:
             self._fail_queue(m, InsufficientMemory(
                 f"model '{m.id}' needs {format_bytes(need)} but the budget holds only {format_bytes(self.capacity)}"))
             return True
-        if self._needs_serial() and any(x.state in (State.LOADING, State.WAKING) for x in self.models.values()):
+        if self._serial_blocked():
             return False
-        slots_needed = 0
-        if self.cfg.max_models:
-            slots_needed = max(0, self.resident_count(exclude=m) + 1 - self.cfg.max_models)
+        slots_needed = self._slots_needed(m)
         room = self.room(exclude=m)
         if room >= need and slots_needed == 0:
             self._start(m, now)
@@ -639,6 +637,23 @@ class Scheduler:
         victims = plan_eviction(max(0, need - room), slots_needed, self._candidates(exclude=m))
         if victims is None:
             return False
+        log.info("evicting %s to fit %s (%s)", ", ".join(victims), m.id, format_bytes(need))
+        self._claim(m, need, victims, now)
+        self._advance_claim(m, now)
+        return True
+
+    def _serial_blocked(self) -> bool:
+        """Loads are serialised on this device and one is already running."""
+        return self._needs_serial() and any(x.state in (State.LOADING, State.WAKING) for x in self.models.values())
+
+    def _slots_needed(self, m: Model) -> int:
+        """Resident models that must go before `m` fits under `max_models` (0 without a cap)."""
+        if not self.cfg.max_models:
+            return 0
+        return max(0, self.resident_count(exclude=m) + 1 - self.cfg.max_models)
+
+    def _claim(self, m: Model, need: int, victims: list[str], now: float) -> None:
+        """Admit `m` behind its victims: hold its reservation while they drain (if busy) and stop."""
         m.state = State.EVICTING
         m.reserved = need
         m.evicting_since = now
@@ -648,9 +663,6 @@ class Scheduler:
             v.victim_of = m.id
             self._begin_stop(v, "budget")
         self._prefetch(m)
-        log.info("evicting %s to fit %s (%s)", ", ".join(victims), m.id, format_bytes(need))
-        self._advance_claim(m, now)
-        return True
 
     def _candidates(self, exclude: Model) -> list[Candidate]:
         return [Candidate(x.id, x.reserved, x.last_used, x.inflight, len(x.queue), x.pinned, x.state)
@@ -660,11 +672,9 @@ class Scheduler:
         """An admitted model whose victims are stopping: start once memory shows free."""
         if any(x.victim_of == m.id and x.state in (State.DRAINING, State.STOPPING) for x in self.models.values()):
             return
-        if self._needs_serial() and any(x.state in (State.LOADING, State.WAKING) for x in self.models.values()):
+        if self._serial_blocked():
             return
-        need = m.reserved
-        slots_ok = not self.cfg.max_models or self.resident_count(exclude=m) + 1 <= self.cfg.max_models
-        if self.room(exclude=m) >= need and slots_ok:
+        if self.room(exclude=m) >= m.reserved and self._slots_needed(m) == 0:
             self._start(m, now)
             return
         if now - m.evicting_since < self.cfg.settle:
@@ -693,23 +703,12 @@ class Scheduler:
         if any(x.victim_of == m.id for x in self.models.values()):
             return
         need = self.need(m)
-        room = self.room(exclude=m)
-        slots = 0
-        if self.cfg.max_models:
-            slots = max(0, self.resident_count(exclude=m) + 1 - self.cfg.max_models)
-        victims = plan_eviction(max(0, need - room), slots, self._candidates(exclude=m), include_busy=True)
+        victims = plan_eviction(max(0, need - self.room(exclude=m)), self._slots_needed(m),
+                                self._candidates(exclude=m), include_busy=True)
         if not victims:
             return
         log.info("%s waited %.0fs: draining %s for it", m.id, self.cfg.max_wait, ", ".join(victims))
-        m.state = State.EVICTING
-        m.reserved = need
-        m.evicting_since = self.clock()
-        m.transition_started = m.evicting_since
-        for vid in victims:
-            v = self.models[vid]
-            v.victim_of = m.id
-            self._begin_stop(v, "budget")
-        self._prefetch(m)
+        self._claim(m, need, victims, self.clock())
 
     def _prefetch_waiting(self, m: Model) -> None:
         """Requests are queued but the model cannot start yet: read its files meanwhile."""
