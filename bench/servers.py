@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +25,10 @@ from typing import Any
 import psutil
 import yaml
 
+from swapper.process import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 CTX = 4096
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_llama_server() -> str:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,12 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from swapper.process import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SWAPPER_TEST_CACHE", Path.home() / ".cache" / "swapper" / "test-models"))
 
 sys.path.insert(0, str(REPO / "tests"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
