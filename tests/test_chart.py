@@ -563,3 +563,29 @@ def test_llmkube_example():
     st = serve_settings(router_argv + spec["extraArgs"])
     assert st.preload and set(st.preload) <= set(names), "the model loaded at start is one it advertises"
     assert st.listen.port == probes["readiness"]["httpGet"]["port"]
+
+
+def test_fleet_example_four_nodes_twelve_models(tmp_path):
+    """charts/examples/fleet-values.yaml renders into valid manifests: 4 pods spread one per node,
+    12 models routed through the InferencePool, and an EPP configuration the EPP accepts."""
+    values = yaml.safe_load((EXAMPLES / "fleet-values.yaml").read_text())
+    with helm.Chart.load(CHART) as c:
+        c.validate_schema(values)
+    docs = render(values, vendored_chart(tmp_path), name="fleet")
+    for d in docs:
+        if d["kind"] in CORE_KINDS:
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(d, version, strict=True)
+    dep = the(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 4
+    pod = dep["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert len(values["config"]["models"]) == 12
+    routed = {h["value"] for rule in the(docs, "HTTPRoute")["spec"]["rules"] for m in rule["matches"]
+              for h in m["headers"]}
+    assert routed >= set(values["config"]["models"]) | {"coder", "llama", "r1"}
+    cfg, _ = epp_config(docs, "fleet")
+    epp.validate_config(cfg)
+    assert epp.engine_mapping(cfg, pod["metadata"]["labels"])[0] == "swapper"
