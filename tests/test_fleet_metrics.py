@@ -229,3 +229,46 @@ async def test_node_kv_use_is_read_from_the_children_without_blocking_a_scrape()
         assert scrape(metrics).kv_cache_usage_percent == pytest.approx(0.75)
     finally:
         await runner.cleanup()
+
+
+# ------------------------------------------------------------------------------ the benchmark's front
+
+
+def fleet_pick():
+    import sys
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench import fleet_pick as fp
+    return fp
+
+
+async def test_the_benchmark_front_reads_metrics_as_the_picker_does():
+    fp = fleet_pick()
+    w, metrics = three_models(auto=False)
+    done = asyncio.ensure_future(request(w, "llama"))
+    await w.spin()
+    w.launcher.finish("llama")
+    await done
+    loading = asyncio.ensure_future(request(w, "qwen"))
+    await w.spin()
+    text = generate_latest(metrics.registry).decode()
+    ours, theirs = fp.parse(text), epp.extract(text, mapping())
+    assert ours.active == set(theirs.active_models) == {"llama"}
+    assert ours.waiting == set(theirs.waiting_models) == {"qwen", "coder", "sql-lora"}
+    assert (ours.max_models, ours.queue, ours.running, ours.kv) == (
+        theirs.max_active_models, theirs.waiting_queue_size, theirs.running_requests_size, theirs.kv_cache_usage_percent)
+    w.launcher.finish("qwen")
+    await loading
+
+
+def test_the_benchmark_front_prefers_the_pod_with_the_model():
+    import random
+    fp = fleet_pick()
+    rng = random.Random(0)
+    has_it = fp.PodMetrics(queue=2, active={"a", "a-alias"}, max_models=2)
+    empty = fp.PodMetrics(queue=0, max_models=2)
+    full = fp.PodMetrics(queue=0, active={"b", "c"}, max_models=2)
+    pods = [empty, full, has_it]
+    assert {fp.pick_scorer(pods, "a-alias", rng) for _ in range(50)} == {2}
+    assert {fp.pick_filter(pods, "a", rng) for _ in range(50)} <= {2, 0}  # 0: the 0.1% exploration
+    assert {fp.pick_scorer(pods, "d", rng) for _ in range(50)} == {0}  # room beats a full pod
