@@ -272,3 +272,62 @@ def test_the_benchmark_front_prefers_the_pod_with_the_model():
     assert {fp.pick_scorer(pods, "a-alias", rng) for _ in range(50)} == {2}
     assert {fp.pick_filter(pods, "a", rng) for _ in range(50)} <= {2, 0}  # 0: the 0.1% exploration
     assert {fp.pick_scorer(pods, "d", rng) for _ in range(50)} == {0}  # room beats a full pod
+
+
+# ------------------------------------------------------------------------------ a real pod
+
+
+@pytest.mark.real
+def test_a_real_pod_reports_residency_and_kv_use_to_the_picker(swapper_factory, tmp_path, openai_client):
+    """Real swapper, real llama-server children: what the picker reads after loads, an eviction
+    and while a stream occupies the only slot of a child."""
+    import threading
+    import time
+
+    from conftest import link, synth_file
+
+    d = tmp_path / "models"
+    config = {"models": {"tiny-a": {"path": str(link(synth_file(8, 1), d / "tiny-a.gguf")), "aliases": ["a"]},
+                         "tiny-b": {"path": str(link(synth_file(8, 2), d / "tiny-b.gguf"))}}}
+    s = swapper_factory("--max-models", "1", config=config)
+    client = openai_client(s)
+
+    def picker() -> epp.EndpointMetrics:
+        return epp.extract(s.get("/metrics").text, mapping())
+
+    m = picker()
+    assert m.active_models == {} and m.max_active_models >= 1
+    client.completions.create(model="a", prompt="hi", max_tokens=1)
+    m = picker()
+    assert set(m.active_models) == {"tiny-a", "a"} and m.max_active_models == 2  # max_models 1: no room
+    assert epp.lora_affinity_score(m, "a") == 1.0 and epp.lora_affinity_score(m, "tiny-b") == 0.0
+
+    # a long stream holds tiny-a's only slot: the child's busy slot shows as KV use
+    done = threading.Event()
+
+    def stream() -> None:
+        try:
+            for _ in client.completions.create(model="tiny-a", prompt="go", max_tokens=4000, stream=True,
+                                               extra_body={"ignore_eos": True}):
+                if done.is_set():
+                    break
+        finally:
+            done.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        kv = 0.0
+        while time.monotonic() < deadline and not done.is_set() and kv == 0.0:
+            kv = picker().kv_cache_usage_percent
+            time.sleep(0.1)
+        assert kv == 1.0, "one busy slot of one should read as a full KV cache"
+        assert picker().running_requests_size == 1
+    finally:
+        done.set()
+        t.join(120)
+
+    client.completions.create(model="tiny-b", prompt="hi", max_tokens=1)  # evicts tiny-a
+    m = picker()
+    assert set(m.active_models) == {"tiny-b"}
