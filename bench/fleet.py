@@ -1,6 +1,6 @@
 """Fleet benchmark: N swapper pods on loopback, one request trace, four ways to pick a pod.
 
-    python bench/fleet.py [--pods 3] [--models 8] [--requests 300] [--out bench/RESULTS-fleet.md]
+    python bench/fleet.py [--pods 3] [--models 8] [--requests 240] [--out bench/RESULTS-fleet.md]
 
 Each pod is a real `swapper serve` (CPU, llama-server children, synthetic GGUFs from
 swapper.synth) whose budget holds about `--slots` models. The trace has Zipf-like model
@@ -222,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pods", type=int, default=3)
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--slots", type=int, default=3, help="models each pod's budget holds")
-    ap.add_argument("--size-mib", type=int, default=24)
-    ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--rate", type=float, default=3.0, help="mean requests per second")
-    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--size-mib", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=240)
+    ap.add_argument("--rate", type=float, default=2.0, help="mean requests per second")
+    ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--work", type=Path, default=Path("/tmp/swapper-fleet-bench"))
