@@ -203,6 +203,9 @@ def report(results: list[Result], args: argparse.Namespace, footprint: int, budg
         spread = "/".join(str(r.picks.get(i, 0)) for i in range(args.pods))
         lines.append(f"| {r.policy} | {r.ok} | {r.errors} | {r.loads} | {per:.0f} | {ms(r.latency, 50)} | "
                      f"{ms(r.latency, 99)} | {ms(r.ttft, 50)} | {ms(r.ttft, 99)} | {spread} |")
+    if args.pods * args.slots >= args.models:
+        lines += ["", f"The fewest cold loads possible is {args.models}: {args.pods} pods x {args.slots} slots hold "
+                  "every model, so each needs loading once."]
     base = next((r for r in results if r.policy == "round-robin"), None)
     if base and base.loads:
         for r in results:
