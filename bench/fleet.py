@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.fleet_pick import RoundRobin, parse, pick_filter, pick_scorer  # noqa: E402
 from bench.loadgen import Client  # noqa: E402
 from bench.models import synth  # noqa: E402
-from bench.servers import REPO, Layout, Server, find_llama_server, start_swapper, swapper_config  # noqa: E402
+from bench.servers import (REPO, Layout, Server, find_llama_server, http_get, http_post, start_swapper,  # noqa: E402
+                           swapper_config)
 from bench.stats import percentile  # noqa: E402
 
 POLICIES = ("epp-filter", "epp-scorer", "round-robin", "random")
@@ -91,12 +92,10 @@ def calibrate(layout: Layout, files: dict[str, Path], work: Path) -> int:
 
 
 def _post(pod: Server, body: dict[str, Any]) -> tuple[int, bytes]:
-    from bench.servers import http_post
     return http_post(pod.port, "/v1/chat/completions", body, timeout=300)
 
 
 def _metrics(pod: Server) -> str:
-    from bench.servers import http_get
     return http_get(pod.port, "/metrics", 10)[1].decode()
 
 

@@ -8,6 +8,10 @@ asks the EPP's LoRA-affinity scorer where a request would go.
 from __future__ import annotations
 
 import asyncio
+import random
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 import epp
-from conftest import REPO
+from conftest import REPO, link, synth_file
 from schedfakes import MiB, FakeClock, FakeEstimator, FakeLauncher, World
 from swapper.catalog import Adapter, Catalog, ModelEntry
 from swapper.fleet_metrics import LORA_INFO, child_kv_ratio, model_names
@@ -235,7 +239,6 @@ async def test_node_kv_use_is_read_from_the_children_without_blocking_a_scrape()
 
 
 def fleet_pick():
-    import sys
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from bench import fleet_pick as fp
@@ -262,7 +265,6 @@ async def test_the_benchmark_front_reads_metrics_as_the_picker_does():
 
 
 def test_the_benchmark_front_prefers_the_pod_with_the_model():
-    import random
     fp = fleet_pick()
     rng = random.Random(0)
     has_it = fp.PodMetrics(queue=2, active={"a", "a-alias"}, max_models=2)
@@ -281,11 +283,6 @@ def test_the_benchmark_front_prefers_the_pod_with_the_model():
 def test_a_real_pod_reports_residency_and_kv_use_to_the_picker(swapper_factory, tmp_path, openai_client):
     """Real swapper, real llama-server children: what the picker reads after loads, an eviction
     and while a stream occupies the only slot of a child."""
-    import threading
-    import time
-
-    from conftest import link, synth_file
-
     d = tmp_path / "models"
     config = {"models": {"tiny-a": {"path": str(link(synth_file(8, 1), d / "tiny-a.gguf")), "aliases": ["a"]},
                          "tiny-b": {"path": str(link(synth_file(8, 2), d / "tiny-b.gguf"))}}}
