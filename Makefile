@@ -9,7 +9,7 @@ MODELS ?= ./models
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: all install llama-server vllm models demo test test-fast bench bench-full clean
+.PHONY: all install llama-server vllm models demo test test-fast bench bench-full bench-fleet clean
 
 all: test
 
@@ -57,3 +57,8 @@ bench: llama-server
 
 bench-full: llama-server
 	$(PY) bench/run.py --out bench/RESULTS-full.md $(BENCH_ARGS)
+
+# N swapper pods behind a front that picks like the Gateway API Inference Extension's endpoint
+# picker, against round-robin and random on one trace (bench/fleet.py --help) -> bench/RESULTS-fleet.md.
+bench-fleet: llama-server
+	$(PY) bench/fleet.py --out bench/RESULTS-fleet.md $(BENCH_ARGS)

@@ -7,10 +7,10 @@ only ever a known model id: anything else is counted under `unknown`, so clients
 the label space with made-up names.
 
 `swapper_queue_depth{model}` counts requests waiting for a model, including those waiting on a
-cold swap. A Gateway API Inference Extension endpoint picker takes the first series of a metric
-it is pointed at, so the node-wide sums `swapper_queued_requests` and `swapper_running_requests`
-(no labels) are what its `--total-queued-requests-metric` and `--total-running-requests-metric`
-flags should name; `swapper_queue_depth{model=NAME}` works for a pool that serves one model.
+cold swap. A Gateway API Inference Extension endpoint picker takes one series of each metric it
+is pointed at, so the node-wide sums `swapper_queued_requests` and `swapper_running_requests`
+(no labels) are what its queue and running mappings name; model residency and KV-cache use for
+the picker live in `fleet_metrics.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+from .fleet_metrics import FleetCollector
 
 if TYPE_CHECKING:
     from .scheduler import Model, Scheduler, SwapEvent
@@ -93,6 +95,7 @@ class Metrics:
         scheduler.listeners.append(self.swap)
         scheduler.grant_listeners.append(self.waited)
         self.registry.register(_SchedulerCollector(self))
+        self.registry.register(FleetCollector(scheduler))
 
 
 class _SchedulerCollector:

@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import epp
 from conftest import REPO, link, synth_file
 from swapper import config as swcfg
 from swapper.cli import _parser
@@ -362,7 +363,10 @@ def test_httproute_without_names_fails_clearly():
 
 
 STUB_POOL = """\
-{{- /* test double keeping the inferencepool chart's value contract (inferencePool.*, inferenceExtension.flags) */}}
+{{- /* test double keeping the inferencepool v1.5.0 chart's value contract: the InferencePool from
+inferencePool.*; the EPP's ConfigMap holds inferenceExtension.pluginsCustomConfig beside its own
+default-plugins.yaml, and the EPP runs with --config-file /config/<pluginsConfigFile> plus
+inferenceExtension.flags (config/charts/epplib/templates/_config.yaml and _deployment.yaml) */}}
 apiVersion: inference.networking.k8s.io/v1
 kind: InferencePool
 metadata:
@@ -378,9 +382,19 @@ spec:
 apiVersion: v1
 kind: ConfigMap
 metadata:
-  name: {{ .Release.Name }}-epp-flags
+  name: {{ .Release.Name }}-epp
 data:
-  args: {{ $a := list }}{{ range $k, $v := .Values.inferenceExtension.flags }}{{ $a = append $a (printf "--%s=%v" $k $v) }}{{ end }}{{ toJson $a | quote }}
+  default-plugins.yaml: "stand-in"
+  {{- with .Values.inferenceExtension.pluginsCustomConfig }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ .Release.Name }}-epp-args
+data:
+  args: {{ $a := list "--config-file" (printf "/config/%s" .Values.inferenceExtension.pluginsConfigFile) }}{{ range $k, $v := .Values.inferenceExtension.flags }}{{ $a = append $a (printf "--%s=%v" $k $v) }}{{ end }}{{ toJson $a | quote }}
 """
 
 
@@ -393,9 +407,20 @@ def vendored_chart(tmp_path: Path) -> Path:
     dep = yaml.safe_load((CHART / "Chart.yaml").read_text())["dependencies"][0]
     (sub / "Chart.yaml").write_text(yaml.safe_dump({"apiVersion": "v2", "name": "inferencepool",
                                                     "version": dep["version"], "description": "stand-in"}))
-    (sub / "values.yaml").write_text("inferencePool: {}\ninferenceExtension: {flags: {}}\n")
+    # the subchart's own defaults (v1.5.0 values.yaml) that the parent's values merge over
+    (sub / "values.yaml").write_text("inferencePool: {modelServerType: vllm}\n"
+                                     "inferenceExtension: {pluginsConfigFile: default-plugins.yaml, flags: {v: 1}}\n")
     (sub / "templates" / "inferencepool.yaml").write_text(STUB_POOL)
     return chart
+
+
+def epp_config(docs: list[dict[str, Any]], release: str) -> tuple[dict[str, Any], list[str]]:
+    """The EndpointPickerConfig the EPP loads, and its command-line flags."""
+    args = json.loads(next(d for d in docs if d["metadata"]["name"] == f"{release}-epp-args")["data"]["args"])
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == f"{release}-epp")
+    path = args[args.index("--config-file") + 1]
+    assert path.startswith("/config/")
+    return yaml.safe_load(cm["data"][path.removeprefix("/config/")]), args
 
 
 def test_inferencepool_dependency_is_condition_gated_and_selects_swapper_pods(tmp_path):
@@ -409,23 +434,68 @@ def test_inferencepool_dependency_is_condition_gated_and_selects_swapper_pods(tm
     pod_labels = the(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert pool["spec"]["targetPorts"] == [{"number": container(docs)["ports"][0]["containerPort"]}]
-    flags = json.loads(next(d for d in docs if d["metadata"]["name"] == "edge-epp-flags")["data"]["args"])
-    assert "--total-queued-requests-metric=swapper_queue_depth" in flags
-    assert "--total-running-requests-metric=swapper_inflight_requests" in flags
     route = the(docs, "HTTPRoute")
     assert route["spec"]["rules"][0]["backendRefs"] == [
         {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool["metadata"]["name"]}]
 
 
+def test_endpoint_picker_config_validates_against_the_epps_own_types(tmp_path):
+    """The EndpointPickerConfig the EPP loads decodes strictly into its Go types (tests/epp.py),
+    every reference resolves, and the swapper pods select the `swapper` engine mapping."""
+    docs = render(merged(REPRESENTATIVE, {"inferencepool": {"enabled": True}}), vendored_chart(tmp_path), name="edge")
+    cfg, args = epp_config(docs, "edge")
+    plugins = epp.validate_config(cfg)
+    # EPP v1.4.0+ refuse to start with the old metric flags (pkg/epp/server/options.go Validate)
+    assert not [a for a in args if a.split("=")[0] in {
+        "--total-queued-requests-metric", "--total-running-requests-metric", "--kv-cache-usage-percentage-metric",
+        "--lora-info-metric", "--cache-info-metric"}], args
+    pod_labels = the(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    engine, mapping = epp.engine_mapping(cfg, pod_labels)
+    assert engine == "swapper"
+    assert mapping == {"name": "swapper", "queuedRequestsSpec": "swapper_queued_requests",
+                       "runningRequestsSpec": "swapper_running_requests",
+                       "kvUsageSpec": "swapper_kv_cache_usage_ratio", "loraSpec": "swapper_lora_requests_info",
+                       "cacheInfoSpec": ""}
+    # model affinity outweighs queue and KV together, so resident beats room beats waiting
+    (profile,) = cfg["schedulingProfiles"]
+    weights = {p["pluginRef"]: p.get("weight") for p in profile["plugins"]}
+    assert {plugins[r]["type"] for r in weights} >= {"lora-affinity-scorer", "queue-scorer",
+                                                     "kv-cache-utilization-scorer", "max-score-picker"}
+    tiers = (1.0 - 0.8) * weights["lora-affinity-scorer"]
+    assert tiers > weights["queue-scorer"] + weights["kv-cache-utilization-scorer"]
+    source = cfg["dataLayer"]["sources"][0]
+    assert plugins[source["pluginRef"]]["parameters"]["path"] == "/metrics"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"plugins": [{"type": "lora-affinity-scorer", "paramters": {}}]}, "unknown field"),
+    ({"schedulingProfiles": [{"name": "default", "plugins": [{"pluginRef": "nope"}]}]}, "unknown plugin"),
+    ({"dataLayer": {"sources": [{"pluginRef": "lora-affinity-scorer", "extractors": []}]}}, "not a data source"),
+], ids=["typo", "dangling-ref", "wrong-source"])
+def test_the_epp_type_check_refuses_what_the_epp_refuses(bad, message):
+    """The checker above is not a rubber stamp."""
+    cfg = yaml.safe_load(yaml.safe_load((CHART / "values.yaml").read_text())["inferencepool"]["inferenceExtension"]
+                         ["pluginsCustomConfig"]["swapper-plugins.yaml"])
+    for key, value in bad.items():
+        cfg[key] = value if key != "plugins" else cfg["plugins"] + value
+    with pytest.raises((KeyError, ValueError)) as e:
+        epp.validate_config(cfg)
+    assert message in str(e.value)
+
+
 @pytest.mark.real
 def test_metrics_the_endpoint_picker_reads_exist(swapper_factory, tmp_path):
+    """A real swapper's /metrics through the EPP's extractor with the chart's mapping."""
     d = tmp_path / "models"
     link(synth_file(8, 1), d / "tiny.gguf")
     s = swapper_factory("--models-dir", str(d))
     text = s.get("/metrics").text
-    flags = yaml.safe_load((CHART / "values.yaml").read_text())["inferencepool"]["inferenceExtension"]["flags"]
-    for metric in (flags["total-queued-requests-metric"], flags["total-running-requests-metric"]):
-        assert re.search(rf'^{metric}\{{model="tiny"\}} 0', text, re.M), f"{metric} missing:\n{text[:2000]}"
+    cfg = yaml.safe_load(yaml.safe_load((CHART / "values.yaml").read_text())["inferencepool"]["inferenceExtension"]
+                         ["pluginsCustomConfig"]["swapper-plugins.yaml"])
+    _, mapping = epp.engine_mapping(cfg, {"inference.networking.k8s.io/engine-type": "swapper"})
+    m = epp.extract(text, mapping)  # raises if a mapped metric is missing
+    assert (m.waiting_queue_size, m.running_requests_size, m.kv_cache_usage_percent) == (0, 0, 0.0)
+    assert m.active_models == {} and m.max_active_models >= 1
 
 
 # ------------------------------------------------------------------------------ examples
@@ -493,3 +563,29 @@ def test_llmkube_example():
     st = serve_settings(router_argv + spec["extraArgs"])
     assert st.preload and set(st.preload) <= set(names), "the model loaded at start is one it advertises"
     assert st.listen.port == probes["readiness"]["httpGet"]["port"]
+
+
+def test_fleet_example_four_nodes_twelve_models(tmp_path):
+    """charts/examples/fleet-values.yaml renders into valid manifests: 4 pods spread one per node,
+    12 models routed through the InferencePool, and an EPP configuration the EPP accepts."""
+    values = yaml.safe_load((EXAMPLES / "fleet-values.yaml").read_text())
+    with helm.Chart.load(CHART) as c:
+        c.validate_schema(values)
+    docs = render(values, vendored_chart(tmp_path), name="fleet")
+    for d in docs:
+        if d["kind"] in CORE_KINDS:
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(d, version, strict=True)
+    dep = the(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 4
+    pod = dep["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert len(values["config"]["models"]) == 12
+    routed = {h["value"] for rule in the(docs, "HTTPRoute")["spec"]["rules"] for m in rule["matches"]
+              for h in m["headers"]}
+    assert routed >= set(values["config"]["models"]) | {"coder", "llama", "r1"}
+    cfg, _ = epp_config(docs, "fleet")
+    epp.validate_config(cfg)
+    assert epp.engine_mapping(cfg, pod["metadata"]["labels"])[0] == "swapper"
