@@ -66,6 +66,7 @@ class Control:
         r.add_get("/api/control/logs", self.logs)
         r.add_post(ADMIN_ROUTE, self.pin)
         app.on_startup.append(self._start)
+        app.on_shutdown.append(self._end_streams)  # before the server waits for open handlers
         app.on_cleanup.append(self._stop)
 
     async def _start(self, app: web.Application) -> None:
@@ -75,13 +76,16 @@ class Control:
         self.rt.proxy.finished.append(self.activity.finished)
         self.rt.scheduler.listeners.append(self._swap)
 
+    async def _end_streams(self, app: web.Application) -> None:
+        for q in list(self.subscribers):
+            q.put_nowait(None)
+
     async def _stop(self, app: web.Application) -> None:
         if self.log_ring is not None:
             logging.getLogger().removeHandler(self.log_ring)
         with contextlib.suppress(ValueError):
             process.line_hooks.remove(self.child_logs.line)
-        for q in list(self.subscribers):
-            q.put_nowait(None)
+        await self._end_streams(app)
         if self._watcher is not None:
             self._watcher.cancel()
 
