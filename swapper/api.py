@@ -40,7 +40,9 @@ log = logging.getLogger("swapper.api")
 access_log = logging.getLogger("swapper.access")
 
 STATIC = Path(__file__).with_name("static")
-PUBLIC = {"/health/live", "/health/ready", "/health", "/v1/health"}
+# the control page's shell holds no data (its routes under /api/ take the key), so it opens
+# without one and asks for the key itself
+PUBLIC = {"/health/live", "/health/ready", "/health", "/v1/health", "/", "/ui"}
 ADMIN_PREFIXES = ("/models/load", "/models/unload", control.ADMIN_ROUTE)
 PAGE_PATHS = {"/", "/ui", "/api/status", "/api/events"} | control.PAGE_ROUTES
 
@@ -434,7 +436,7 @@ class Api:
     async def page(self, request: web.Request) -> web.StreamResponse:
         path = STATIC / "control.html"
         if not path.exists():
-            return web.json_response(self.status_json())
+            return error_response("the control page is missing from this installation", 404, "not_found")
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
