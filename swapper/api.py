@@ -6,7 +6,8 @@
 - llama.cpp router's admin routes: `POST /models/load`, `POST /models/unload` with
   `{"model": NAME}` -> `{"success": true}`, plus `GET /running` and `GET /props`;
 - `/metrics` in Prometheus text format; `?model=NAME` returns that child's own metrics;
-- the status page `/` (`/ui`) with its JSON (`/api/status`) and event stream (`/api/events`).
+- the control page `/` (`/ui`, served from static/control.html; its routes are in control.py) and
+  the status JSON (`/api/status`) and event stream (`/api/events`).
 Middlewares: request IDs, API keys (constant-time, never logged), CORS, and a last-resort handler
 that turns any exception into an OpenAI-style 500 so nothing crashes the supervisor.
 """
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__
+from . import __version__, control
 from .catalog import ModelEntry
 from .errors import bad_request, error_response, not_found_model
 from .scheduler import Model, SchedulerError, State
@@ -39,9 +40,11 @@ log = logging.getLogger("swapper.api")
 access_log = logging.getLogger("swapper.access")
 
 STATIC = Path(__file__).with_name("static")
-PUBLIC = {"/health/live", "/health/ready", "/health", "/v1/health"}
-ADMIN_PREFIXES = ("/models/load", "/models/unload")
-PAGE_PATHS = {"/", "/ui", "/api/status", "/api/events"}
+# the control page's shell holds no data (its routes under /api/ take the key), so it opens
+# without one and asks for the key itself
+PUBLIC = {"/health/live", "/health/ready", "/health", "/v1/health", "/", "/ui"}
+ADMIN_PREFIXES = ("/models/load", "/models/unload", control.ADMIN_ROUTE)
+PAGE_PATHS = {"/", "/ui", "/api/status", "/api/events"} | control.PAGE_ROUTES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -237,6 +240,7 @@ class Api:
         r.add_get("/ui", self.page)
         r.add_get("/api/status", self.status)
         r.add_get("/api/events", self.events)
+        control.Control(self.rt).register(app)  # the control page's events, logs and pin/unpin
 
     # --------------------------------------------------------------------- probes
 
@@ -430,9 +434,9 @@ class Api:
         return resp
 
     async def page(self, request: web.Request) -> web.StreamResponse:
-        path = STATIC / "status.html"
+        path = STATIC / "control.html"
         if not path.exists():
-            return web.json_response(self.status_json())
+            return error_response("the control page is missing from this installation", 404, "not_found")
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 

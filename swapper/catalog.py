@@ -57,6 +57,7 @@ class ModelEntry:
     adapters: tuple[Adapter, ...] = ()
     sleep: bool = False
     footprint: int | None = None  # declared bytes, beats estimates
+    chat_template: str | None = None  # llama.cpp built-in name or an absolute Jinja file path
 
     def adapter(self, name: str) -> Adapter | None:
         return next((a for a in self.adapters if a.name == name), None)
@@ -224,8 +225,22 @@ def _entry(st: Settings, name: str, engine: str, path: Path | None, source: str,
         parallel=spec.parallel if spec.parallel is not None else d.parallel,
         args=tuple(d.args) + tuple(spec.args), env=tuple(sorted(env.items())),
         pinned=spec.pinned or name in st.pin, idle_ttl=spec.idle_ttl, adapters=adapters,
-        sleep=spec.sleep, footprint=spec.footprint,
+        sleep=spec.sleep, footprint=spec.footprint, chat_template=_chat_template(st, engine, spec),
     )
+
+
+def _chat_template(st: Settings, engine: str, spec: ModelSpec) -> str | None:
+    """The entry's template: its own, else the defaults' (a built-in name only for llama.cpp)."""
+    from .chat_template import is_builtin
+
+    value = spec.chat_template
+    if value is None:
+        value = st.defaults.chat_template
+        if value is not None and engine != "llamacpp" and is_builtin(value):
+            return None
+    if value is None or is_builtin(value):
+        return value
+    return str(_model_path(st, value))
 
 
 def _model_path(st: Settings, p: str, base: Path | None = None) -> Path:

@@ -61,6 +61,7 @@ class ModelDefaults:
     parallel: int = 1
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    chat_template: str | None = None  # llama.cpp built-in name or a Jinja file
 
 
 @dataclass
@@ -82,6 +83,7 @@ class ModelSpec:
     sleep: bool = False
     mmproj: str | None = None
     footprint: int | None = None  # bytes; overrides estimate and learned footprint
+    chat_template: str | None = None  # llama.cpp built-in name (`gemma`) or a Jinja file
 
 
 @dataclass
@@ -289,9 +291,9 @@ _BY_KEY = {o.key: o for o in OPTIONS}
 _QUEUE_KEYS = {"size", "timeout", "max_wait"}
 _LISTEN_KEYS = {"host", "port"}
 _ENGINE_KEYS = {"command", "args", "env"}
-_DEFAULT_KEYS = {"engine", "ctx_size", "parallel", "args", "env"}
+_DEFAULT_KEYS = {"engine", "ctx_size", "parallel", "args", "env", "chat_template"}
 _MODEL_KEYS = {"path", "source", "engine", "aliases", "ctx_size", "parallel", "args", "env", "pinned",
-               "idle_ttl", "adapters", "sleep", "mmproj", "footprint"}
+               "idle_ttl", "adapters", "sleep", "mmproj", "footprint", "chat_template"}
 _TOP_EXTRA = {"engines", "defaults", "models"}
 
 
@@ -517,6 +519,7 @@ def _positive(v: Any) -> int:
 def _apply_defaults(st: Settings, raw: Any, source: str) -> None:
     parsers: dict[str, Callable[[Any], Any]] = {
         "engine": _engine_name, "ctx_size": _int, "parallel": _positive, "args": _args, "env": _env,
+        "chat_template": _str,
     }
     for k, v in _mapping(raw, source, "defaults").items():
         if k not in _DEFAULT_KEYS:
@@ -538,6 +541,7 @@ _MODEL_PARSERS: dict[str, Callable[[Any], Any]] = {
     "path": _str, "source": _str, "engine": _engine_name, "aliases": _str_list, "ctx_size": _int,
     "parallel": _positive, "args": _args, "env": _env, "pinned": _bool, "idle_ttl": parse_duration,
     "adapters": _adapters, "sleep": _bool, "mmproj": _str, "footprint": _optional_size,
+    "chat_template": _str,
 }
 
 
@@ -588,6 +592,7 @@ def render_yaml(st: Settings) -> str:
         "max_body": st.max_body, "pin": st.pin, "preload": st.preload,
         "engines": {k: {"command": e.command, "args": e.args, "env": e.env} for k, e in st.engines.items()},
         "defaults": {"engine": st.defaults.engine, "ctx_size": st.defaults.ctx_size,
-                     "parallel": st.defaults.parallel, "args": st.defaults.args, "env": st.defaults.env},
+                     "parallel": st.defaults.parallel, "args": st.defaults.args, "env": st.defaults.env,
+                     **({"chat_template": st.defaults.chat_template} if st.defaults.chat_template else {})},
     }
     return yaml.safe_dump(out, sort_keys=False)

@@ -141,6 +141,11 @@ class _Header:
                 self.tensor_bytes += n * type_size // block
 
 
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """A GGUF file's metadata scalars and strings (string arrays such as vocabularies skipped)."""
+    return _Header(path).kv
+
+
 def read_gguf(files: list[Path]) -> GgufFacts:
     """Weights and KV geometry from GGUF headers; tensor data is never read."""
     weights = 0

@@ -107,7 +107,8 @@ class ProcessLauncher:
         try:
             port = free_port()
             workdir = self._workdir(entry)
-            spec = backend.start_spec(entry, port, self.probe, reserved, workdir)
+            # off the event loop: a start may read model headers (GGUF chat template, config.json)
+            spec = await asyncio.to_thread(backend.start_spec, entry, port, self.probe, reserved, workdir)
         except Exception as e:  # engine not installed, bad model entry, ...
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -29,6 +29,10 @@ KEEPER = _keeper.__file__
 log = logging.getLogger("swapper.process")
 child_log = logging.getLogger("swapper.child")
 
+# called with (child name, line) for every line of child output (the control page's live logs);
+# runs on the event loop, so a hook must be cheap and must not block
+line_hooks: list[Callable[[str, str], None]] = []
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (the child binds it a moment later)."""
@@ -135,6 +139,8 @@ class ChildProcess:
             text = line.decode(errors="replace").rstrip()
             if text:
                 self.tail.append(text)
+                for hook in line_hooks:
+                    hook(self.name, text)
                 level = _line_level(text, self.healthy)
                 if child_log.isEnabledFor(level):
                     child_log.log(level, "[%s] %s", self.name, text)

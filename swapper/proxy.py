@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
 from aiohttp import web
@@ -88,9 +88,15 @@ def _upstream_error(model: str, e: BaseException) -> web.Response:
     return error_response(f"model '{model}' did not answer: {e.__class__.__name__}: {e}", 502, "upstream_error")
 
 
+# called with (request, model id, status, seconds) as each proxied request finishes; the
+# request carries "queue_wait", "ttft" (seconds) and "usage" when they are known
+Finished = Callable[[web.Request, str, int, float], None]
+
+
 class Proxy:
     def __init__(self, rt: Runtime):
         self.rt = rt
+        self.finished: list[Finished] = []
 
     async def read_body(self, request: web.Request) -> bytes | web.Response:
         limit = self.rt.settings.max_body
@@ -190,7 +196,10 @@ class Proxy:
             status = 499  # client closed the connection
             raise
         finally:
-            rt.metrics.request_done(label, status, time.monotonic() - t0)
+            elapsed = time.monotonic() - t0
+            rt.metrics.request_done(label, status, elapsed)
+            for fn in self.finished:
+                fn(request, label, status, elapsed)
 
     async def handle_get(self, request: web.Request, name: str) -> web.StreamResponse:
         """llama-server's per-model GET routes (`/props?model=`, `/slots?model=`, ...): autoload."""
@@ -225,7 +234,9 @@ class Proxy:
         entry = res.entry
         path = request.path
         await rt.prepare(entry)
+        t_queue = time.monotonic()
         async with rt.scheduler.acquire(entry.id, res.adapter) as lease:
+            request["queue_wait"] = time.monotonic() - t_queue
             inst = lease.instance
             payload = raw
             if body is not None:
@@ -280,7 +291,8 @@ class Proxy:
             await resp.prepare(request)
             async for chunk in upstream.content.iter_any():
                 if first:
-                    self.rt.metrics.first_byte(model, time.monotonic() - t0)
+                    request["ttft"] = time.monotonic() - t0
+                    self.rt.metrics.first_byte(model, request["ttft"])
                     first = False
                 if sniff is not None:
                     sniff.feed(chunk)
@@ -296,5 +308,6 @@ class Proxy:
         if sniff is not None:
             usage = sniff.usage()
             if usage:
+                request["usage"] = usage
                 self.rt.metrics.tokens(model, usage)
         return resp

@@ -482,6 +482,12 @@ class Scheduler:
         self._pump()
         await done
 
+    def set_pinned(self, model_id: str, pinned: bool) -> None:
+        """Pin (never evicted, never TTL-unloaded) or unpin a model until the next reload."""
+        m = self._model(model_id)
+        m.pinned = bool(pinned)
+        self._pump()
+
     def _model(self, model_id: str) -> Model:
         if self.closing:
             raise ShuttingDown("swapper is shutting down")

@@ -41,8 +41,8 @@ def test_keys_from_flags_and_file_guard_every_route_but_probes(swapper_factory, 
     wrong = "wrong-key-5772"
     for method, path, body in (("GET", "/v1/models", None), ("GET", "/models", None), ("GET", "/running", None),
                                ("GET", "/props", None), ("POST", *MODEL_ROUTE),
-                               ("POST", "/models/load", {"model": "tiny-a"}), ("GET", "/", None),
-                               ("GET", "/ui", None), ("GET", "/api/status", None), ("GET", "/slots?model=tiny-a", None)):
+                               ("POST", "/models/load", {"model": "tiny-a"}), ("GET", "/api/control/state", None),
+                               ("GET", "/api/status", None), ("GET", "/slots?model=tiny-a", None)):
         send = s.get if method == "GET" else (lambda p, **kw: s.post(p, body, **kw))  # noqa: B023
         assert_401(send(path))
         assert_401(send(path, headers=bearer(wrong)))
@@ -99,9 +99,12 @@ def test_status_page_needs_a_key_when_only_admin_keys_are_set(swapper_factory, m
     s = swapper_factory("--models-dir", str(models_dir), "--admin-key", "admin-only")
     assert s.get("/v1/models").status == 200, "no API keys: model routes stay open"
     assert s.get("/metrics").status == 200
-    for path in ("/", "/ui", "/api/status"):
+    for path in ("/api/status", "/api/control/state", "/api/control/events"):
         assert_401(s.get(path))
-        assert s.get(path + "?api_key=admin-only").status == 200
+    assert s.get("/api/status?api_key=admin-only").status == 200
+    for path in ("/", "/ui"):  # the page's shell holds no data: it opens, then asks for the key
+        r = s.get(path)
+        assert r.status == 200 and b"sessionStorage" in r.body
     assert_401(s.post("/models/load", {"model": "tiny-a"}))
 
 

@@ -37,9 +37,8 @@ def arg_after(args: list[str], flag: str) -> str:
 
 def test_every_preset_ships_inside_the_package():
     assert set(list_presets()) == PRESETS
-    assert presets_dir().resolve() == (REPO / "presets").resolve()
+    assert presets_dir().resolve() == (REPO / "swapper" / "presets").resolve()
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert meta["package-dir"]["swapper.presets"] == "presets"
     assert "*.yaml" in meta["package-data"]["swapper.presets"]
 
 

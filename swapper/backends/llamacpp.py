@@ -1,8 +1,9 @@
 """llama.cpp's llama-server as a child engine.
 
 Start: `llama-server -m FILE --host 127.0.0.1 --port P --alias NAME -c CTX*SLOTS -np SLOTS
--ngl 999|0 [--mmproj F] [--model-draft F] [--lora F... --lora-init-without-apply]` plus the
-engine's and the model's args. `ctx_size` is the context each request gets, so the child's total
+-ngl 999|0 [--mmproj F] [--model-draft F] [--lora F... --lora-init-without-apply]
+[--no-jinja --chat-template NAME | --chat-template-file F]` plus the engine's and the model's
+args (the template rule is in chat_template.py). `ctx_size` is the context each request gets, so the child's total
 is ctx x slots (what the estimate's KV formula assumes). Ready when `/health` answers 200 (503
 means still loading).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import chat_template
 from ..catalog import Adapter, ModelEntry
 from ..config import Settings
 from ..engines import find_llama_server
@@ -60,6 +62,7 @@ class LlamaCppBackend(Backend):
         if entry.adapters:
             argv.append("--lora-init-without-apply")
         extra = [*eng.args, *entry.args]
+        argv += chat_template.llamacpp_args(entry.chat_template, entry.path, extra)
         if not any(a == "--threads-http" or a.startswith("--threads-http=") for a in extra):
             argv += ["--threads-http", str(max(LLAMA_HTTP_THREADS, entry.parallel + 4))]
         argv += extra

@@ -42,6 +42,7 @@ from typing import Any
 
 import aiohttp
 
+from .. import chat_template
 from ..catalog import Adapter, ModelEntry
 from ..gpu import MemoryProbe
 from .base import Backend, StartSpec
@@ -268,6 +269,7 @@ class VllmBackend(Backend):
             argv.append("--enable-sleep-mode")
         if entry.adapters:
             argv += ["--enable-lora", "--lora-modules", *[f"{a.name}={a.path}" for a in entry.adapters]]
+        argv += chat_template.vllm_args(entry.chat_template, user)
         argv += user
         tmp = short_alias(workdir)
         env = {
