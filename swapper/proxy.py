@@ -48,6 +48,14 @@ _RESP_SKIP = HOP_BY_HOP | {"server", "date", "access-control-allow-origin",
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 
 
+def autoload_of(request: web.Request, settings: Any) -> bool:
+    """llama.cpp router's rule: `?autoload=` wins ("true" or "1" load), else `--models-autoload`."""
+    given = request.query.get("autoload")
+    if not given:
+        return bool(settings.models_autoload)
+    return given in ("true", "1")
+
+
 class UsageSniffer:
     """Finds the `usage` object in a response as it streams by (JSON body or last SSE events)."""
 
@@ -225,7 +233,7 @@ class Proxy:
         entry = res.entry
         path = request.path
         await rt.prepare(entry)
-        async with rt.scheduler.acquire(entry.id, res.adapter) as lease:
+        async with rt.scheduler.acquire(entry.id, res.adapter, autoload=autoload_of(request, rt.settings)) as lease:
             inst = lease.instance
             payload = raw
             if body is not None:
