@@ -104,11 +104,8 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.command == "serve":
         from .app import serve, settings_loader
 
+        # like llama.cpp's router, serving only the Hugging Face cache (or nothing yet) is fine
         st = load_settings(ns)
-        if st.models_dir is None and not st.models:
-            print("swapper: nothing to serve: pass --models-dir DIR or declare models in --config FILE",
-                  file=sys.stderr)
-            return 2
         if st.models_path is not None and not st.models_path.is_dir():
             print(f"swapper: --models-dir {st.models_dir}: not a directory", file=sys.stderr)
             return 2
