@@ -9,7 +9,7 @@ MODELS ?= ./models
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: all install llama-server vllm models demo test test-fast bench bench-full clean
+.PHONY: all install llama-server vllm models demo test test-fast router-suite bench bench-full clean
 
 all: test
 
@@ -44,6 +44,10 @@ test: llama-server vllm
 # The suite without the tests that start real swapper and engine processes (~30 s).
 test-fast: install
 	$(PY) -m pytest -q -m 'not real' $(PYTEST_ARGS)
+
+# llama.cpp's own router tests against swapper (part of `make test`; needs PyPI once for the sdist).
+router-suite: llama-server
+	$(PY) -m pytest -q -s tests/test_llamacpp_router_suite.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -99,3 +99,18 @@ def test_llama_cpp_router_suite_passes_against_swapper(tmp_path: Path, gemma_fil
     assert skipped == ["test_router_download_model", "test_router_remote_preset"], out
     assert len(passed) == 15, out
     assert "needs the Hugging Face Hub (network)" in run.stdout, "skips say why"
+
+
+def test_llama_args_table_matches_the_llama_cpp_swapper_builds():
+    """swapper/llama_args.json is what `python -m swapper.llama_args` extracts from this arg.cpp."""
+    from swapper.llama_args import TABLE, extract
+
+    member = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/common/arg.cpp"
+    with tarfile.open(sdist()) as tar:
+        f = tar.extractfile(member)
+        assert f is not None
+        source = f.read().decode()
+    import json
+
+    assert json.loads(TABLE.read_text())["options"] == extract(source), \
+        "regenerate: python -m swapper.llama_args vendor/llama.cpp/common/arg.cpp > swapper/llama_args.json"
