@@ -289,6 +289,9 @@ class Api:
                 await self.rt.reload()
             except ConfigError as e:
                 return error_response(f"reload failed, previous models kept: {e}", 400, "invalid_request")
+            bus = getattr(self.rt, "router_events", None)
+            if bus is not None:
+                bus.publish("*", "models_reload")
         created = int(self.rt.started_wall)
         return web.json_response({"object": "list", "data": [model_json(self.rt, m, created) for m in self._models()]})
 

@@ -225,20 +225,26 @@ def _fetch_to_cache(repo: str, plan_: tuple[str, list[str]], cache_dir: Path, pr
 _lock = threading.Lock()
 
 
+def _target(link: Path) -> Path:
+    """Where a snapshot entry points (one level: blobs may themselves be links we must not follow)."""
+    return Path(os.path.normpath(link.parent / os.readlink(link)))
+
+
 def remove_cached(files: tuple[Path, ...] | list[Path]) -> None:
     """Snapshot links of one model, then the blobs no other snapshot entry links to."""
     with _lock:
         blobs = []
         for p in files:
             if p.is_symlink():
-                blobs.append((p.parent / os.readlink(p)).resolve())
+                blobs.append(_target(p))
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
         for b in blobs:
-            repo_root = b.parent.parent  # models--org--name/blobs/<hash>
-            still = any(q.is_symlink() and (q.parent / os.readlink(q)).resolve() == b
-                        for q in (repo_root / "snapshots").rglob("*"))
+            if b.parent.name != "blobs":
+                continue  # not huggingface-hub's layout: leave it alone
+            snapshots = b.parent.parent / "snapshots"
+            still = any(q.is_symlink() and _target(q) == b for q in snapshots.rglob("*"))
             if not still:
                 b.unlink(missing_ok=True)
