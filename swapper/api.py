@@ -30,6 +30,7 @@ from . import __version__
 from .catalog import ModelEntry
 from .errors import bad_request, error_response, not_found_model
 from .scheduler import Model, SchedulerError, State
+from .preset_catalog import preset_text
 from .router_api import engine_build_info
 from .units import format_bytes
 
@@ -70,7 +71,7 @@ def model_status(rt: Runtime, m: Model) -> dict[str, Any]:
         "last_used": rt.scheduler.wall() - (now - m.last_used) if m.last_used else None,
         "error": m.error,
         "retry_after": round(max(0.0, m.backoff_until - now), 3) if m.failed else None,
-        **({"preset": m.entry.preset_ini} if m.entry.preset_ini else {}),
+        **({"preset": preset} if (preset := preset_text(m.entry)) else {}),
     }
 
 

@@ -155,3 +155,13 @@ def _shown(p: Preset) -> str:
     shown.unset("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_ALIAS", "LLAMA_ARG_TAGS", "LLAMA_API_KEY")
     return shown.to_ini()
 
+
+
+def preset_text(e: ModelEntry) -> str | None:
+    """`status.preset` of any llama.cpp model: its INI section, or the one the router would hold
+    for a model found in the cache or a folder (`[id]` with `hf-repo` or `model`, and its flags)."""
+    if e.preset_ini is not None:
+        return e.preset_ini
+    if e.engine != "llamacpp":
+        return None
+    return _shown(_described(e))

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -209,7 +210,7 @@ def _fetch_to_cache(repo: str, plan_: tuple[str, list[str]], cache_dir: Path, pr
         class Progress(tqdm):  # huggingface-hub reports bytes through its tqdm class
             def __init__(self, *a: Any, **kw: Any) -> None:
                 kw["disable"] = False
-                kw["file"] = open(os.devnull, "w")
+                kw["file"] = io.StringIO()  # nothing on the server's terminal
                 super().__init__(*a, **kw)
 
             def update(self, n: float | None = 1) -> bool | None:
