@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swapper.router")
 
-_VERSION_RE = re.compile(r"version:\s*(\d+)\s*\(([^)]+)\)")
+# `version: 7063 (abc1234)` (older) or `version: 0.5.0-dev (build 1, commit 0c1e570)`
+_VERSION_RE = re.compile(r"version:\s*(?:(\d+)\s*\(([0-9a-f]+|unknown)\)|\S+\s*\(build\s*(\d+),\s*commit\s*([^)\s]+)\))")
 
 
 async def engine_build_info(rt: Runtime) -> str:
@@ -52,7 +53,8 @@ async def engine_build_info(rt: Runtime) -> str:
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         m = _VERSION_RE.search(out.decode(errors="replace"))
         if m:
-            info = f"b{m.group(1)}-{m.group(2)}"
+            number, commit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            info = f"b{number}-{commit}"
     except Exception as e:  # no engine installed: say so in the field, never fail /props
         log.warning("cannot read llama-server's version: %s", e)
     rt._build_info = info  # type: ignore[attr-defined]

@@ -51,6 +51,7 @@ def unpack_suite(dest: Path) -> Path:
         for m in members:
             m.name = m.name[len(prefix):] or "."
         tar.extractall(dest, members=members, filter="data")
+    (dest / "tmp").mkdir(exist_ok=True)  # the harness's scratch folder (TMP_DIR in utils.py)
     return dest
 
 
