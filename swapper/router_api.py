@@ -223,6 +223,11 @@ def _fetch_to_cache(repo: str, plan_: tuple[str, list[str]], cache_dir: Path, pr
         path = hf_hub_download(repo, f, revision=commit, cache_dir=cache_dir, tqdm_class=Progress)
         size = os.path.getsize(path)
         progress(url, size, size)
+    # fetched by commit, which records no ref: `main` is what was asked for, and llama.cpp reads a
+    # cached repo only through one of its refs
+    ref = Path(cache_dir) / ("models--" + repo.replace("/", "--")) / "refs" / "main"
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
 
 
 _lock = threading.Lock()
