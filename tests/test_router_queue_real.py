@@ -14,7 +14,7 @@ import requests_shim as rq
 
 pytestmark = pytest.mark.real
 
-LONG = {"model": "gemma", "prompt": "Once upon a time", "n_predict": 400, "ignore_eos": True,
+LONG = {"model": "gemma", "prompt": "Once upon a time", "n_predict": 120, "ignore_eos": True,
         "temperature": 0, "cache_prompt": False}
 
 
@@ -33,21 +33,21 @@ class Bg(threading.Thread):
         self.done_at = time.monotonic()
 
     def ok(self) -> dict:
-        self.join(240)
+        self.join(900)  # a loaded 2-core box generates about 1 token/s
         assert not self.is_alive() and self.error is None and self.reply.status == 200, (self.error, self.reply)
         return self.reply.json()
 
 
 def busy_gemma(s):  # noqa: ANN001, ANN201
-    """gemma loaded and generating 400 tokens; returns the generation's thread once it is in flight."""
+    """gemma loaded and generating 120 tokens; returns the generation's thread once it is in flight."""
     assert s.post("/models/load?wait=1", {"model": "gemma"}).status == 200
-    gen = Bg(lambda: rq.post(s.url + "/completion", LONG, timeout=240))
+    gen = Bg(lambda: rq.post(s.url + "/completion", LONG, timeout=900))
     gen.start()
     s.wait_for(lambda: s.status("gemma")["inflight"] == 1, 30, "gemma to be busy")
     return gen
 
 
-def tokenize(s, model: str, timeout: float = 240):  # noqa: ANN001, ANN201
+def tokenize(s, model: str, timeout: float = 900):  # noqa: ANN001, ANN201
     return rq.post(s.url + "/tokenize", {"model": model, "content": "hello world"}, timeout=timeout)
 
 
@@ -56,8 +56,10 @@ def test_a_busy_model_is_not_evicted_and_the_queued_request_is_served_after(swap
     gen = busy_gemma(s)
     queued = Bg(lambda: tokenize(s, "tiny-a"))
     queued.start()
+    s.wait_for(lambda: s.status("tiny-a")["queued"] == 1, 30, "the request to queue")
+    assert gen.is_alive(), "queued while gemma generates"
     out = gen.ok()
-    assert out["tokens_predicted"] == 400, "the busy model finished its whole generation"
+    assert out["tokens_predicted"] == 120, "the busy model finished its whole generation"
     queued.ok()
     assert gen.done_at < queued.done_at, "the queued request waited for the slot"
     assert s.status("tiny-a")["value"] == "loaded" and s.status("gemma")["value"] == "unloaded"
@@ -81,6 +83,7 @@ def test_waiters_are_served_in_arrival_order(swapper_factory, models_dir):
     first = Bg(lambda: tokenize(s, "tiny-a"))
     first.start()
     s.wait_for(lambda: s.status("tiny-a")["queued"] == 1, 30, "the first waiter to queue")
+    assert gen.is_alive(), "queued while gemma generates"
     second = Bg(lambda: tokenize(s, "tiny-b"))
     second.start()
     gen.ok()
