@@ -10,7 +10,7 @@ MODELS ?= ./models
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: all build-deps system-deps install install-serve llama-server vllm models demo test test-fast bench bench-full bench-fleet clean
+.PHONY: all build-deps system-deps install install-serve llama-server vllm models demo test test-fast router-suite bench bench-full bench-fleet clean
 
 all: test
 
@@ -69,6 +69,10 @@ test: system-deps install llama-server vllm
 # The suite without the tests that start real swapper and engine processes (~30 s).
 test-fast: install
 	$(PY) -m pytest -q -m 'not real' $(PYTEST_ARGS)
+
+# llama.cpp's own router tests against swapper (part of `make test`; needs PyPI once for the sdist).
+router-suite: llama-server
+	$(PY) -m pytest -q -s tests/test_llamacpp_router_suite.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__, control
+from . import __version__, control, router_api
 from .catalog import ModelEntry
 from .errors import bad_request, error_response, not_found_model
 from .scheduler import Model, SchedulerError, State
+from .preset_catalog import preset_text
+from .router_api import engine_build_info
 from .units import format_bytes
 
 if TYPE_CHECKING:
@@ -60,7 +62,7 @@ def model_status(rt: Runtime, m: Model) -> dict[str, Any]:
         "value": m.state.public,
         "failed": bool(m.failed),
         "exit_code": m.exit_code,
-        "args": list(m.entry.args),
+        "args": list(m.instance.process.argv) if getattr(m.instance, "process", None) else list(m.entry.args),
         "state": m.state.value,
         "inflight": m.inflight,
         "queued": sum(1 for w in m.queue if w.counts),
@@ -72,6 +74,7 @@ def model_status(rt: Runtime, m: Model) -> dict[str, Any]:
         "last_used": rt.scheduler.wall() - (now - m.last_used) if m.last_used else None,
         "error": m.error,
         "retry_after": round(max(0.0, m.backoff_until - now), 3) if m.failed else None,
+        **({"preset": preset} if (preset := preset_text(m.entry)) else {}),
     }
 
 
@@ -81,7 +84,7 @@ def model_json(rt: Runtime, m: Model, created: int) -> dict[str, Any]:
         "id": e.id, "object": "model", "owned_by": e.engine, "created": created,
         "aliases": list(e.aliases), "tags": [], "status": model_status(rt, m),
         "source": e.source, "path": str(e.path) if e.path else e.repo, "size_bytes": e.size,
-        "adapters": [a.name for a in e.adapters], "can_remove": False,
+        "adapters": [a.name for a in e.adapters], "can_remove": e.source == "cache",
         "architecture": {"input_modalities": ["text", "image"] if e.mmproj else ["text"],
                          "output_modalities": ["text"]},
     }
@@ -133,7 +136,8 @@ def required_keys(rt: Runtime, request: web.Request) -> list[str]:
     api_keys, admin_keys = rt.api_keys, rt.settings.admin_keys
     if path == "/metrics" and not rt.settings.protect_metrics:
         return []
-    if path.startswith(ADMIN_PREFIXES) or (path == "/models" and "reload" in request.query):
+    if path.startswith(ADMIN_PREFIXES) or (path == "/models" and ("reload" in request.query
+                                                                  or request.method in ("POST", "DELETE"))):
         return admin_keys or api_keys
     if path in PAGE_PATHS or path == "/metrics":
         return api_keys + admin_keys
@@ -227,8 +231,8 @@ class Api:
         r = app.router
         r.add_get("/health/live", self.live)
         r.add_get("/health/ready", self.ready)
-        r.add_get("/health", self.ready)
-        r.add_get("/v1/health", self.ready)
+        r.add_get("/health", self.health)
+        r.add_get("/v1/health", self.health)
         r.add_get("/v1/models", self.v1_models)
         r.add_get("/models", self.router_models)
         r.add_post("/models/load", self.load)
@@ -242,10 +246,18 @@ class Api:
         r.add_get("/api/events", self.events)
         control.Control(self.rt).register(app)  # the control page's events, logs and pin/unpin
 
+        router_api.RouterApi(self.rt).routes(app)
+
     # --------------------------------------------------------------------- probes
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "version": __version__})
+
+    async def health(self, request: web.Request) -> web.Response:
+        """llama.cpp router's `/health`: 200 while requests are accepted (a model or not)."""
+        if self.rt.closing:
+            return web.json_response({"status": "unavailable", "reason": "shutting down"}, status=503)
+        return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
         s = self.rt.scheduler
@@ -261,8 +273,9 @@ class Api:
     # --------------------------------------------------------------------- listings
 
     def _models(self) -> list[Model]:
+        """Listed models (a cache model hidden by a preset's dedup-cache-models is served, not listed)."""
         s = self.rt.scheduler
-        return [s.models[e.id] for e in self.rt.catalog if e.id in s.models]
+        return [s.models[e.id] for e in self.rt.catalog if e.id in s.models and not e.hidden]
 
     async def v1_models(self, request: web.Request) -> web.Response:
         created = int(self.rt.started_wall)
@@ -274,7 +287,15 @@ class Api:
 
     async def router_models(self, request: web.Request) -> web.Response:
         if request.query.get("reload"):
-            await self.rt.reload()
+            from .config import ConfigError
+
+            try:
+                await self.rt.reload()
+            except ConfigError as e:
+                return error_response(f"reload failed, previous models kept: {e}", 400, "invalid_request")
+            bus = getattr(self.rt, "router_events", None)
+            if bus is not None:
+                bus.publish("*", "models_reload")
         created = int(self.rt.started_wall)
         return web.json_response({"object": "list", "data": [model_json(self.rt, m, created) for m in self._models()]})
 
@@ -296,8 +317,9 @@ class Api:
             return await self.rt.proxy.handle_get(request, name)
         s = self.rt.scheduler
         return web.json_response({
-            "role": "router", "build_info": f"swapper {__version__}", "max_instances": s.cfg.max_models,
-            "models_autoload": True, "model_alias": "swapper", "model_path": "none",
+            "role": "router", "build_info": await engine_build_info(self.rt), "max_instances": s.cfg.max_models,
+            "models_autoload": self.rt.settings.models_autoload, "model_alias": "swapper", "model_path": "none",
+            "swapper_version": __version__,
             "default_generation_settings": {"params": {}, "n_ctx": 0},
             "budget_bytes": s.capacity, "device": f"{s.probe.kind}:{s.probe.index}",
         })

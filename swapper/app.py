@@ -47,10 +47,18 @@ def scheduler_config(st: Settings) -> SchedulerConfig:
 
 
 def discover(st: Settings) -> Catalog:
-    """The catalog for these settings: models dir, Hugging Face cache, config entries."""
+    """The catalog for these settings: models dir, Hugging Face cache, INI presets, config entries.
+    A preset file that cannot be read raises `ConfigError`."""
     from .hfcache import scan_hf_cache
+    from .ini_preset import PresetError, read_presets
 
-    return build_catalog(st, scan_hf_cache())
+    presets = None
+    if st.models_preset:
+        try:
+            presets = read_presets(st.models_preset)
+        except (PresetError, ValueError) as e:
+            raise ConfigError(f"--models-preset {st.models_preset}", "", str(e)) from None
+    return build_catalog(st, scan_hf_cache(), presets)
 
 
 @dataclass
@@ -118,7 +126,12 @@ class Runtime:
             self.settings.models = st.models
             self.settings.models_dir = st.models_dir
             self.settings.defaults = st.defaults
-        self.catalog = await asyncio.get_running_loop().run_in_executor(None, discover, self.settings)
+            self.settings.models_preset = st.models_preset
+        try:
+            self.catalog = await asyncio.get_running_loop().run_in_executor(None, discover, self.settings)
+        except ConfigError as e:
+            log.error("reload: %s (keeping the previous models)", e)
+            raise
         self.scheduler.set_catalog(self.catalog)
         log.info("reloaded: %d models", len(self.catalog))
 
@@ -197,7 +210,7 @@ async def _ticker(rt: Runtime) -> None:
 async def _on_startup(app: web.Application) -> None:
     rt: Runtime = app["rt"]
     app["ticker"] = asyncio.create_task(_ticker(rt), name="ticker")
-    names = list(dict.fromkeys(rt.settings.preload + [e.id for e in rt.catalog if e.pinned]))
+    names = list(dict.fromkeys(rt.settings.preload + [e.id for e in rt.catalog if e.pinned or e.startup]))
     for name in names:
         res = rt.catalog.resolve(name)
         if res is None:
@@ -289,7 +302,7 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(rt.reload()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_quietly(rt)))
     notify("READY=1", f"STATUS=serving {len(rt.catalog)} models")
     await stop.wait()
     log.info("shutting down: draining in-flight requests (up to %gs)", st.drain_timeout)
@@ -298,6 +311,11 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _reload_quietly(rt: Runtime) -> None:
+    with contextlib.suppress(ConfigError):  # logged by reload; the old models stay
+        await rt.reload()
 
 
 def _fmt(n: int) -> str:

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from .config import ModelSpec, Settings
 
@@ -41,7 +41,7 @@ class ModelEntry:
     name: str
     engine: str
     path: Path | None  # GGUF (first shard) or model folder; None for a hub repo id
-    source: str  # models_dir | config | hf_cache
+    source: str  # models_dir | config | cache (Hugging Face cache) | preset (INI)
     size: int = 0  # bytes of every file the model loads
     files: tuple[Path, ...] = ()
     mmproj: Path | None = None
@@ -58,6 +58,9 @@ class ModelEntry:
     sleep: bool = False
     footprint: int | None = None  # declared bytes, beats estimates
     chat_template: str | None = None  # llama.cpp built-in name or an absolute Jinja file path
+    preset_ini: str | None = None  # llama.cpp INI preset text (`status.preset`)
+    hidden: bool = False  # left out of listings (dedup-cache-models), still served by name
+    startup: bool = False  # load-on-startup (INI presets)
 
     def adapter(self, name: str) -> Adapter | None:
         return next((a for a in self.adapters if a.name == name), None)
@@ -138,6 +141,8 @@ class Found:
     files: list[Path]
     mmproj: Path | None = None
     draft: Path | None = None
+    aliases: tuple[str, ...] = ()  # other names it answers to (swapper's earlier cache names)
+    repo: str | None = None  # Hugging Face repo id, for models found in the cache
 
 
 def shard_files(first: Path) -> list[Path]:
@@ -212,7 +217,7 @@ def _size(files: Iterable[Path]) -> int:
 
 def _entry(st: Settings, name: str, engine: str, path: Path | None, source: str,
            files: list[Path], spec: ModelSpec | None, mmproj: Path | None = None,
-           draft: Path | None = None, repo: str | None = None) -> ModelEntry:
+           draft: Path | None = None, repo: str | None = None, aliases: tuple[str, ...] = ()) -> ModelEntry:
     d = st.defaults
     spec = spec or ModelSpec(name=name)
     base = path.parent if path is not None and path.is_file() else (path or Path("."))
@@ -220,7 +225,8 @@ def _entry(st: Settings, name: str, engine: str, path: Path | None, source: str,
     env = {**d.env, **spec.env}
     return ModelEntry(
         id=name, name=name, engine=engine, path=path, source=source, size=_size(files),
-        files=tuple(files), mmproj=mmproj, draft=draft, repo=repo, aliases=tuple(spec.aliases),
+        files=tuple(files), mmproj=mmproj, draft=draft, repo=repo,
+        aliases=tuple(dict.fromkeys((*spec.aliases, *aliases))),
         ctx_size=spec.ctx_size if spec.ctx_size is not None else d.ctx_size,
         parallel=spec.parallel if spec.parallel is not None else d.parallel,
         args=tuple(d.args) + tuple(spec.args), env=tuple(sorted(env.items())),
@@ -252,8 +258,10 @@ def _model_path(st: Settings, p: str, base: Path | None = None) -> Path:
     return root.absolute() / path
 
 
-def build_catalog(st: Settings, hf_cache: Iterable[Found] = ()) -> Catalog:
-    """Discovered models, overridden by config entries; ids disambiguated by engine."""
+def build_catalog(st: Settings, hf_cache: Iterable[Found] = (), presets: Any = None) -> Catalog:
+    """Discovered models, INI presets (`(global, sections)` of ini_preset), then config entries
+    overriding them; ids disambiguated by engine."""
+    hf_cache = list(hf_cache)
     found: dict[tuple[str, str], ModelEntry] = {}
     order: list[tuple[str, str]] = []
 
@@ -269,8 +277,22 @@ def build_catalog(st: Settings, hf_cache: Iterable[Found] = ()) -> Catalog:
                 continue  # the config entry wins; applied below
             put(_entry(st, f.name, f.engine, f.path, "models_dir", f.files, None, f.mmproj, f.draft))
     for f in hf_cache:
-        if (f.name, f.engine) not in found and f.name not in st.models:
-            put(_entry(st, f.name, f.engine, f.path, "hf_cache", f.files, None, f.mmproj, f.draft))
+        if (f.name, f.engine) not in found and not {f.name, *f.aliases} & set(st.models):
+            put(_entry(st, f.name, f.engine, f.path, "cache", f.files, None, f.mmproj, f.draft, aliases=f.aliases))
+    if presets is not None:
+        from .preset_catalog import apply_presets
+
+        cache = list(hf_cache)
+        glob, sections = presets
+        sections = {n: p for n, p in sections.items() if n not in st.models}  # YAML wins
+
+        def make(name: str, path: Path, files: list[Path], mmproj: Path | None) -> ModelEntry:
+            return _entry(st, name, "llamacpp", path, "preset", files, None, mmproj)
+
+        merged = apply_presets([found[k] for k in order], cache, glob, sections, make)
+        found, order = {}, []
+        for e in merged:
+            put(e)
     for key, spec in st.models.items():
         name, _, eng = key.partition("@")
         engine = eng or spec.engine or st.defaults.engine

@@ -34,11 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"swapper {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the router", description="Run the router: one OpenAI-compatible "
-                       "endpoint; models start on demand in child servers and are evicted to fit the budget.")
+    s = sub.add_parser("serve", help="run the router", allow_abbrev=False,
+                       description="Run the router: one OpenAI-compatible endpoint; models start on demand in "
+                       "child servers and are evicted to fit the budget. llama.cpp router command lines work "
+                       "as they are: --models-max N, --no-models-autoload, and every other llama-server flag "
+                       "(-c, -np, --jinja, ...) is passed to each llama.cpp child (see README).")
     add_setting_flags(s)
-    # llama-server router command lines (e.g. llmkube's) pass --metrics; swapper always serves /metrics
-    s.add_argument("--metrics", action="store_true", help=argparse.SUPPRESS)
 
     m = sub.add_parser("models", help="list discovered models with size, estimate and learned footprint")
     add_setting_flags(m)
@@ -68,23 +69,29 @@ def _parser() -> argparse.ArgumentParser:
     ie.add_argument("--force", action="store_true", help="rebuild even if cached")
     ie.add_argument("--print-path", action="store_true", help="only print where the binary is (or would be)")
 
-    su = sub.add_parser("systemd-unit", help="print a systemd unit running 'swapper serve' with these flags")
+    su = sub.add_parser("systemd-unit", allow_abbrev=False, help="print a systemd unit running 'swapper serve' with these flags")
     add_setting_flags(su)
     su.add_argument("--user", default=None, help="User= for the unit (default: a dynamic user)")
     su.add_argument("--exec", default=None, help="path of the swapper executable (default: this one)")
 
-    c = sub.add_parser("config", help="print the effective settings (defaults < preset < file < env < flags)")
+    c = sub.add_parser("config", allow_abbrev=False, help="print the effective settings (defaults < preset < file < env < flags)")
     add_setting_flags(c)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
     if ns.command is None:
         parser.print_help()
         return 0
+    if extra and ns.command not in ("serve", "config", "systemd-unit"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if ns.command in ("serve", "config", "systemd-unit"):
+            from .router_cli import parse_router_args
+
+            ns.router = parse_router_args(extra)  # llama.cpp router flags (applied by load_settings)
         return _run(ns)
     except ConfigError as e:
         print(f"swapper: {e}", file=sys.stderr)
@@ -97,11 +104,8 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.command == "serve":
         from .app import serve, settings_loader
 
+        # like llama.cpp's router, serving only the Hugging Face cache (or nothing yet) is fine
         st = load_settings(ns)
-        if st.models_dir is None and not st.models:
-            print("swapper: nothing to serve: pass --models-dir DIR or declare models in --config FILE",
-                  file=sys.stderr)
-            return 2
         if st.models_path is not None and not st.models_path.is_dir():
             print(f"swapper: --models-dir {st.models_dir}: not a directory", file=sys.stderr)
             return 2

@@ -96,6 +96,8 @@ class Settings:
     reserve: int = 512 << 20
     host_budget: SizeSpec = field(default_factory=lambda: SizeSpec(bytes=16 << 30))
     max_models: int = 0
+    models_preset: str | None = None  # llama.cpp router INI presets (`--models-preset`)
+    models_autoload: bool = True  # a request for an unloaded model loads it (`--no-models-autoload`)
     queue: QueueSettings = field(default_factory=QueueSettings)
     load_timeout: float = 300.0
     drain_timeout: float = 30.0
@@ -265,6 +267,8 @@ OPTIONS: list[Option] = [
     Option("reserve", "--reserve", parse_size, "memory never planned for (default 512MiB)", metavar="SIZE"),
     Option("host_budget", "--host-budget", parse_size_spec, "host RAM for the warm tier (sleeping models, page cache)", metavar="SIZE|PCT"),
     Option("max_models", "--max-models", _int, "extra cap on resident models; 0 = no cap", metavar="N"),
+    Option("models_preset", "--models-preset", _str, "llama.cpp router INI presets ([*] defaults, one section per model)", metavar="FILE"),
+    Option("models_autoload", "--models-autoload", _bool, "load unloaded models on request (default; --no-models-autoload turns it off)", is_flag=True),
     Option("queue.size", "--queue-size", _int, "waiting requests per model before 503 (default 64)", metavar="N"),
     Option("queue.timeout", "--queue-timeout", parse_duration, "longest wait in a queue before 504 (default 300s)", metavar="D"),
     Option("queue.max_wait", "--max-wait", parse_duration, "wait after which a busy model is drained for a waiting one (60s)", metavar="D"),
@@ -437,6 +441,9 @@ def load_settings(ns: argparse.Namespace | None = None, env: Mapping[str, str] |
         _apply_defaults(st, raw, source)
     for raw, source in sections.get("models", []):
         _apply_models(st, raw, source)
+    router = getattr(ns, "router", None) if ns is not None else None
+    if router is not None:  # llama-server flags of a router command line (router_cli.py)
+        router.apply(st)
     _check(st)
     return st
 
@@ -586,7 +593,7 @@ def render_yaml(st: Settings) -> str:
         "listen": {"host": st.listen.host, "port": st.listen.port},
         "models_dir": st.models_dir, "state_dir": st.state_dir, "device": st.device,
         "budget": size(st.budget), "reserve": st.reserve, "host_budget": size(st.host_budget),
-        "max_models": st.max_models,
+        "max_models": st.max_models, "models_preset": st.models_preset, "models_autoload": st.models_autoload,
         "queue": {"size": st.queue.size, "timeout": st.queue.timeout, "max_wait": st.queue.max_wait},
         "load_timeout": st.load_timeout, "drain_timeout": st.drain_timeout, "idle_ttl": st.idle_ttl,
         "max_body": st.max_body, "pin": st.pin, "preload": st.preload,

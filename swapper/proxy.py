@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -37,6 +38,9 @@ MODEL_ROUTES = (
     "/completion", "/completions", "/embedding", "/embeddings", "/chat/completions",
 )
 AUDIO_PREFIX = "/v1/audio/"
+# LLAMA_SERVER_DEBUG_FAKE_TIMING: the router's test hook, honoured as the router does (each
+# request holds its model 2 s before it is forwarded), so llama.cpp's queue tests run unchanged
+FAKE_TIMING = bool(os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING"))
 
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -46,6 +50,14 @@ _RESP_SKIP = HOP_BY_HOP | {"server", "date", "access-control-allow-origin",
                            "access-control-allow-credentials", "access-control-allow-headers",
                            "access-control-allow-methods"}
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+
+
+def autoload_of(request: web.Request, settings: Any) -> bool:
+    """llama.cpp router's rule: `?autoload=` wins ("true" or "1" load), else `--models-autoload`."""
+    given = request.query.get("autoload")
+    if not given:
+        return bool(settings.models_autoload)
+    return given in ("true", "1")
 
 
 class UsageSniffer:
@@ -235,8 +247,10 @@ class Proxy:
         path = request.path
         await rt.prepare(entry)
         t_queue = time.monotonic()
-        async with rt.scheduler.acquire(entry.id, res.adapter) as lease:
+        async with rt.scheduler.acquire(entry.id, res.adapter, autoload=autoload_of(request, rt.settings)) as lease:
             request["queue_wait"] = time.monotonic() - t_queue
+            if FAKE_TIMING:  # llama.cpp router's debug delay: the model counts as busy meanwhile
+                await asyncio.sleep(2.0)
             inst = lease.instance
             payload = raw
             if body is not None:

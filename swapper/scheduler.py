@@ -91,6 +91,13 @@ class Unloaded(SchedulerError):
     status, code = 503, "model_unloaded"
 
 
+class NotLoaded(SchedulerError):
+    """A request with autoload off (`--no-models-autoload`, `?autoload=false`) for a model that is
+    not loaded: llama.cpp router's 400 "model is not loaded"."""
+
+    status, code, type = 400, "model_not_loaded", "invalid_request_error"
+
+
 class LoadError(Exception):
     """Raised by a launcher when a child fails to start."""
 
@@ -421,9 +428,13 @@ class Scheduler:
     # ------------------------------------------------------------------------ requests
 
     @contextlib.asynccontextmanager
-    async def acquire(self, model_id: str, adapter: Adapter | None = None) -> AsyncIterator[Lease]:
-        """Wait until the model is resident and hold an in-flight slot on it."""
+    async def acquire(self, model_id: str, adapter: Adapter | None = None, *,
+                      autoload: bool = True) -> AsyncIterator[Lease]:
+        """Wait until the model is resident and hold an in-flight slot on it; with autoload off, a
+        model that is not loaded (nor loading) is refused with `NotLoaded` instead of loaded."""
         m = self._model(model_id)
+        if not autoload and m.state in (State.UNLOADED, State.STOPPING):
+            raise NotLoaded("model is not loaded")
         waiter = self._enqueue(m, counts=True)
         granted = False
         try:

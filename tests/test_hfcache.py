@@ -76,7 +76,9 @@ def cache(tmp_path: Path) -> Path:
 
 def test_scan_finds_vllm_and_gguf_models(cache):
     found = {f.name: f for f in scan_hf_cache(cache)}
-    assert sorted(found) == ["org/multi-GGUF:Q4_K_M", "org/multi-GGUF:Q8_0", "org/single-GGUF", "org/tiny-llama"]
+    assert sorted(found) == ["org/multi-GGUF:Q4_K_M", "org/multi-GGUF:Q8_0", "org/single-GGUF:Q4_K_M",
+                             "org/tiny-llama"], "GGUF models named as llama.cpp names them: always with the tag"
+    assert found["org/single-GGUF:Q4_K_M"].aliases == ("org/single-GGUF",), "the earlier name answers too"
 
     llama = found["org/tiny-llama"]
     assert llama.engine == "vllm" and llama.path == cache / "models--org--tiny-llama" / "snapshots" / C2, \
@@ -89,7 +91,7 @@ def test_scan_finds_vllm_and_gguf_models(cache):
                                           "mmproj-multi-f16.gguf"]
     assert all(p.exists() for p in q4.files), "shards resolved in their sub-folder of the snapshot"
     assert found["org/multi-GGUF:Q8_0"].mmproj.name == "mmproj-multi-Q8_0.gguf", "mmproj of the same quant"
-    assert found["org/single-GGUF"].mmproj is None
+    assert found["org/single-GGUF:Q4_K_M"].mmproj is None
 
 
 def test_catalog_entries_from_the_cache_and_config_wins(cache):
@@ -97,7 +99,7 @@ def test_catalog_entries_from_the_cache_and_config_wins(cache):
     st.models["org/single-GGUF"] = ModelSpec(name="org/single-GGUF", path=str(cache / "elsewhere.gguf"))
     cat = build_catalog(st, scan_hf_cache(cache))
     e = cat.get("org/tiny-llama")
-    assert e is not None and e.source == "hf_cache" and e.engine == "vllm"
+    assert e is not None and e.source == "cache" and e.engine == "vllm"
     assert e.size == sum(p.stat().st_size for p in e.files)
     assert cat.get("org/single-GGUF").source == "config", "a declared model of the same name wins"
     assert cat.resolve("org/multi-GGUF:Q8_0").entry.engine == "llamacpp"
@@ -128,5 +130,5 @@ def test_swapper_models_lists_the_cache(cache, tmp_path):
     out = subprocess.run([sys.executable, "-m", "swapper", "models", "--json", "--no-estimate",
                           "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, env=env, check=True)
     rows = {r["id"]: r for r in json.loads(out.stdout)}
-    assert rows["org/tiny-llama"]["engine"] == "vllm" and rows["org/tiny-llama"]["source"] == "hf_cache"
+    assert rows["org/tiny-llama"]["engine"] == "vllm" and rows["org/tiny-llama"]["source"] == "cache"
     assert "org/multi-GGUF:Q4_K_M" in rows
