@@ -279,6 +279,32 @@ def test_build_script_variants(fake_tools, tmp_path, variant, expected, absent):
     assert not list(Path(env["TMPDIR"]).iterdir()), "the work tree is removed"
 
 
+FAKE_PYTHON3 = r"""#!/usr/bin/env bash
+# stands in for python3 -m pip download: records its arguments, leaves the sdist it was given
+{ printf '%s\0' "$@"; printf '\n'; } >> "$FAKE_PIP_LOG"
+while [ $# -gt 0 ]; do [ "$1" = "-d" ] && { mkdir -p "$2"; cp "$FAKE_SDIST" "$2/"; }; shift; done
+"""
+
+
+def test_build_script_downloads_only_llama_cpp_python_from_source(fake_tools, tmp_path):
+    """`--no-binary :all:` would also compile every build tool pip fetches to read the sdist's
+    metadata (ninja among them: ~25 minutes); only the sdist itself must be a source download."""
+    (Path(fake_tools["PATH"].split(":")[0]) / "python3").write_text(FAKE_PYTHON3)
+    (Path(fake_tools["PATH"].split(":")[0]) / "python3").chmod(0o755)
+    env = {k: v for k, v in fake_tools.items() if k != "LLAMA_SDIST"}
+    env.update(FAKE_PIP_LOG=str(tmp_path / "pip.log"), FAKE_SDIST=fake_tools["LLAMA_SDIST"])
+    out = run_script([LLAMA_CPP_PYTHON_VERSION, "cpu", str(tmp_path / "engine")], env)
+    assert out.returncode == 0, out.stderr
+    (pip,) = [ln.split("\0")[:-1] for ln in Path(env["FAKE_PIP_LOG"]).read_text().split("\n") if ln]
+    assert pip[:3] == ["-m", "pip", "download"]
+    assert f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}" in pip and "--no-deps" in pip
+    no_binary = [pip[n + 1] for n, a in enumerate(pip) if a == "--no-binary"]
+    assert no_binary == ["llama-cpp-python"]
+    assert not any(":all:" in a for a in pip)
+    (configure, _build) = cmake_calls(env)
+    assert configure[1].endswith(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp")
+
+
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_dockerfile_build_step_runs_outside_docker(fake_tools, tmp_path, name):
     """The RUN line of each build stage, with its ARG defaults, against the stand-in cmake."""
