@@ -48,6 +48,16 @@ test-fast: install
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
+# The container images built by a real Docker engine and run as a user runs them
+# (tests/test_images_built.py). Needs root, Debian's docker.io and debootstrap (.ci/run installs
+# them): a Debian base is made locally (images/local-base.sh), a private dockerd keeps its data
+# root in $(STATE_DIR)/docker, so only the first run compiles (about 13 min on 2 cores).
+# DOCKER_HOST=... uses an engine you run; SWAPPER_IMAGES_BASE=python:3.12-slim-bookworm builds
+# from the public base instead of the local one.
+.PHONY: test-images
+test-images: install
+	SWAPPER_DOCKER_ROOT=$(STATE_DIR)/docker $(PY) -m pytest -q -m images tests/test_images_built.py $(PYTEST_ARGS)
+
 # Benchmarks against llama-server directly and llama.cpp's router mode (bench/run.py --help).
 # `make bench`: the quick CPU version (a few minutes) -> bench/RESULTS.md; `make bench-full`: the whole matrix.
 BENCH_ARGS ?=

@@ -52,6 +52,7 @@ def docker() -> Iterator[Docker]:
             yield d
         finally:
             d("network", "rm", NETWORK, check=False)
+            d("image", "prune", "-f", check=False)  # images a rebuild untagged: the cache stays bounded
 
 
 def local_base_tag() -> str:
@@ -71,6 +72,9 @@ def base(docker: Docker, request: pytest.FixtureRequest) -> str:
                          env={**os.environ, **docker.env, "DOCKER": docker.client}, timeout=900)
     assert out.returncode == 0, f"images/local-base.sh failed:\n{out.stderr[-4000:]}"
     report(request, f"local base: {out.stdout.strip().splitlines()[-1]} ({time.monotonic() - t0:.0f} s)")
+    older = docker("image", "ls", "--format", "{{.Repository}}:{{.Tag}}", tag.split(":")[0]).stdout.split()
+    for stale in set(older) - {tag}:
+        docker("image", "rm", stale, check=False)
     return tag
 
 
@@ -246,6 +250,12 @@ def test_docker_stop_drains_the_in_flight_stream_exits_zero_and_leaves_no_proces
     assert state["Status"] == "exited" and state["ExitCode"] == 0 and not state["OOMKilled"]
     assert stopped["seconds"] < 40, "stopped within the stop timeout, not killed at its end"
     report(request, f"docker stop: exit 0 after {stopped['seconds']:.2f} s, a {tokens}-token stream drained")
-    left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"processes left after stop: {left}"
+    assert not [p for p in pids if running(p)], "processes left after stop"
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
