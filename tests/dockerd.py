@@ -118,4 +118,12 @@ def engine(root: Path = DOCKER_ROOT, start_timeout: float = 90) -> Iterator[Dock
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
+            unmount_below(run)
             shutil.rmtree(run, ignore_errors=True)
+
+
+def unmount_below(folder: Path) -> None:
+    """dockerd can leave its network namespace mounted in the exec root after it exits."""
+    mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(f"{folder}/")), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)

@@ -40,8 +40,10 @@ NETWORK = "swapper-images-test"
 def report(request: pytest.FixtureRequest, line: str) -> None:
     """Build times and sizes go to the terminal even when output is captured."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter:
-        reporter.write_line(f"[images] {line}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter and capture:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"[images] {line}")
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +228,8 @@ def test_docker_stop_drains_the_in_flight_stream_exits_zero_and_leaves_no_proces
     client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "Go"}],
                                    max_tokens=64, extra_body={"ignore_eos": True})
     per_token = (time.monotonic() - t0) / 64
-    tokens = max(64, min(4000, int(3.0 / per_token)))  # about 3 s of generation: surely in flight at stop
+    # about 5 s of generation: in flight when SIGTERM comes, done well inside the 30 s drain
+    tokens = max(64, min(1800, int(5.0 / per_token)))
     pids = [pid for _, pid, _ in container_processes(docker, served.name)]
     assert len(pids) >= 2
     stream = client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "Go"}],
@@ -246,6 +249,11 @@ def test_docker_stop_drains_the_in_flight_stream_exits_zero_and_leaves_no_proces
     stopper.join(timeout=90)
     finish = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"], "the stream in flight at SIGTERM ran to its end"
+    out = docker("logs", served.name)
+    logs = (out.stderr if "shutting down" in out.stderr else out.stdout).splitlines()  # swapper's log stream
+    draining = next(n for n, ln in enumerate(logs) if "shutting down: draining" in ln)
+    answered = max(n for n, ln in enumerate(logs) if "POST /v1/chat/completions 200" in ln)
+    assert draining < answered, "the stream was still in flight when SIGTERM came, and was answered"
     state = json.loads(docker("inspect", "-f", "{{json .State}}", served.name).stdout)
     assert state["Status"] == "exited" and state["ExitCode"] == 0 and not state["OOMKilled"]
     assert stopped["seconds"] < 40, "stopped within the stop timeout, not killed at its end"
