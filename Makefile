@@ -51,7 +51,7 @@ clean:
 # The container images built by a real Docker engine and run as a user runs them
 # (tests/test_images_built.py). Needs root, Debian's docker.io and debootstrap (.ci/run installs
 # them): a Debian base is made locally (images/local-base.sh), a private dockerd keeps its data
-# root in $(STATE_DIR)/docker, so only the first run compiles (about 13 min on 2 cores).
+# root in $(STATE_DIR)/docker, so only the first run compiles (~10 min on 2 idle cores).
 # DOCKER_HOST=... uses an engine you run; SWAPPER_IMAGES_BASE=python:3.12-slim-bookworm builds
 # from the public base instead of the local one.
 .PHONY: test-images
