@@ -10,7 +10,7 @@ MODELS ?= ./models
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: all build-deps system-deps install install-serve llama-server vllm models demo test test-fast router-suite bench bench-full bench-fleet clean
+.PHONY: all build-deps system-deps image-deps install install-serve llama-server vllm models demo test test-fast router-suite bench bench-full bench-fleet clean
 
 all: test
 
@@ -23,10 +23,16 @@ APT_INSTALL = missing="$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; fi
 BUILD_PACKAGES = python3-venv cmake g++ make git ca-certificates
 TEST_PACKAGES = systemd chromium chromium-driver util-linux
+IMAGE_PACKAGES = docker.io debootstrap
 
 build-deps:
 	@command -v apt-get >/dev/null || { echo "no apt-get: install $(BUILD_PACKAGES) yourself"; exit 0; }; \
 	$(call APT_INSTALL,$(BUILD_PACKAGES))
+
+# the container images' test (make test-images): a Docker engine, and debootstrap for the local base
+image-deps:
+	@command -v apt-get >/dev/null || { echo "no apt-get: install $(IMAGE_PACKAGES) yourself"; exit 0; }; \
+	$(call APT_INSTALL,$(IMAGE_PACKAGES))
 
 system-deps: build-deps
 	@command -v apt-get >/dev/null || { echo "no apt-get: install $(TEST_PACKAGES) yourself"; exit 0; }; \
@@ -76,6 +82,16 @@ router-suite: llama-server
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# The container images built by a real Docker engine and run as a user runs them
+# (tests/test_images_built.py). Needs root, Debian's docker.io and debootstrap (.ci/run installs
+# them): a Debian base is made locally (images/local-base.sh), a private dockerd keeps its data
+# root in $(STATE_DIR)/docker, so only the first run compiles (~10 min on 2 idle cores).
+# DOCKER_HOST=... uses an engine you run; SWAPPER_IMAGES_BASE=python:3.12-slim-bookworm builds
+# from the public base instead of the local one.
+.PHONY: test-images
+test-images: install image-deps
+	SWAPPER_DOCKER_ROOT=$(STATE_DIR)/docker $(PY) -m pytest -q -m images tests/test_images_built.py $(PYTEST_ARGS)
 
 # Benchmarks against llama-server directly and llama.cpp's router mode (bench/run.py --help).
 # `make bench`: the quick CPU version (a few minutes) -> bench/RESULTS.md; `make bench-full`: the whole matrix.

@@ -6,14 +6,23 @@ chosen sizes on any machine (tests, `make demo`, benchmarks). The vocabulary is 
 
     python -m swapper.synth OUT.gguf --size 64MiB [--seed N] [--ctx 2048]
     python -m swapper.synth OUT.gguf --lora-for BASE.gguf [--rank 8] [--seed N]
+
+`python swapper/synth.py ...` (the file run as a script, from a checkout) works the same.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file: Python put swapper/ itself first on sys.path, where its modules could shadow
+    # others and the package is not importable; the checkout root is what `-m` would have put there.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -171,13 +180,21 @@ def write_lora(path: str | Path, base: str | Path, rank: int = 8, alpha: float =
     w.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .units import parse_size
+def _size(text: str) -> int:
+    """argparse type: a bad size is a usage error, not a traceback."""
+    from swapper.units import parse_size
 
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m swapper.synth", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--size", default="16MiB", help="approximate weight bytes (e.g. 64MiB, 1GiB)")
+    ap.add_argument("--size", type=_size, default="16MiB", help="approximate weight bytes (e.g. 64MiB, 1GiB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ctx", type=int, default=4096, help="training context written to the header")
     ap.add_argument("--lora-for", metavar="BASE", help="write a LoRA adapter for this base instead")
@@ -186,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.lora_for:
         write_lora(a.out, a.lora_for, rank=a.rank, seed=a.seed)
     else:
-        write_model(a.out, parse_size(a.size), seed=a.seed, ctx=a.ctx)
+        write_model(a.out, a.size, seed=a.seed, ctx=a.ctx)
     print(a.out)
     return 0
 

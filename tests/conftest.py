@@ -239,8 +239,15 @@ def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1)[:2000]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that starts a real swapper is a `real` test (`make test-fast` leaves them out)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that starts a real swapper is a `real` test (`make test-fast` leaves them out).
+    Tests marked `images` build container images: they run only when `-m` names them
+    (`make test-images`), never as part of a plain run."""
     for item in items:
         if "swapper_factory" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real)
+    if "images" not in (config.getoption("markexpr") or ""):
+        images = [i for i in items if i.get_closest_marker("images")]
+        if images:
+            config.hook.pytest_deselected(items=images)
+            items[:] = [i for i in items if not i.get_closest_marker("images")]

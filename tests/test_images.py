@@ -110,6 +110,10 @@ def test_every_copy_source_is_in_the_build_context(name):
         assert ins.op == "COPY", "ADD fetches and unpacks: COPY says what it does"
         srcs = [w for w in words if not w.startswith("--")][:-1]
         for src in srcs:
+            if is_glob(src):  # an optional file (LICENSE*): whatever matches must reach the builder
+                matches = [p.relative_to(REPO).as_posix() for p in REPO.glob(src)]
+                assert all(not context_excludes(name, m) for m in matches), f"{name}: {matches} left out"
+                continue
             path = REPO / src
             assert path.exists(), f"{name}: COPY {src} is not in the build context"
             ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", src])
@@ -121,6 +125,41 @@ def test_every_copy_source_is_in_the_build_context(name):
     assert checked >= 1
     for heavy in (".venv/bin/python", "models/big.gguf", ".git/HEAD", "swapper/__pycache__/x.pyc"):
         assert context_excludes(name, heavy), f"{heavy} would be sent to the builder"
+
+
+def is_glob(src: str) -> bool:
+    return any(c in src for c in "*?[")
+
+
+def copy_sources(ins: Instr) -> tuple[list[str], str]:
+    words = json.loads(ins.args) if ins.args.startswith("[") else shlex.split(ins.args)
+    paths = [w for w in words if not w.startswith("--")]
+    return paths[:-1], paths[-1]
+
+
+def context_after_copies(name: str, stage: list[Instr], dest_root: Path) -> Path:
+    """What the stage's COPY instructions (from the build context) put in the image, rebuilt in
+    `dest_root` with Docker's rules: the dockerignore filter, globs, files and folders."""
+    for ins in stage:
+        if ins.op != "COPY" or "--from=" in ins.args:
+            continue
+        srcs, dest = copy_sources(ins)
+        for src in srcs:
+            for rel in ([p.relative_to(REPO).as_posix() for p in REPO.glob(src)] if is_glob(src) else [src]):
+                path = REPO / rel
+                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+                for f in files:
+                    frel = f.relative_to(REPO).as_posix()
+                    if context_excludes(name, frel):
+                        continue
+                    if path.is_file():
+                        into = dest + path.name if dest.endswith("/") or len(srcs) > 1 else dest
+                    else:
+                        into = f"{dest.rstrip('/')}/{f.relative_to(path).as_posix()}"
+                    target = dest_root / into.lstrip("/")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, target)
+    return dest_root
 
 
 def context_excludes(name: str, rel: str) -> bool:
@@ -136,6 +175,73 @@ def context_excludes(name: str, rel: str) -> bool:
         if any(fnmatch.fnmatchcase(c, pat) for c in candidates):
             excluded = not negated
     return excluded
+
+
+def test_no_dockerfile_asks_for_a_frontend_image():
+    """A `# syntax=` line makes BuildKit pull a frontend image from a registry before anything
+    else: no build where Docker Hub cannot be reached. The built-in frontend reads these files."""
+    for name in IMAGES:
+        for line in (REPO / "images" / name / "Dockerfile").read_text().splitlines():
+            if not line.startswith("#"):
+                break  # parser directives exist only in the leading comment block
+            key = line[1:].split("=", 1)[0].strip().lower()
+            assert key not in ("syntax", "check"), f"{name}: parser directive {line!r}"
+
+
+def test_package_builds_from_what_the_dockerfile_copies(tmp_path):
+    """The stage that pip-installs /src gets everything the package build reads (README.md is the
+    project's readme, the licence file goes into the wheel) and nothing it must not have. The
+    other images copy the same sources with the same lines (checked below)."""
+    name = "cpu"
+    ins = instructions(name)
+    run = next(i for i in ins if i.op == "RUN" and " /src" in i.args and "pip install" in i.args)
+    root = context_after_copies(name, [i for i in ins if i.stage == run.stage], tmp_path / "image")
+    src = root / "src"
+    assert (src / "README.md").is_file() and (src / "pyproject.toml").is_file()
+    for licence in REPO.glob("LICENSE*"):
+        assert (src / licence.name).read_bytes() == licence.read_bytes()
+    assert not list(src.rglob("__pycache__")), "the dockerignore keeps bytecode out"
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w",
+                            str(tmp_path / "wheels"), str(src)], capture_output=True, text=True, timeout=300)
+    assert wheel.returncode == 0, wheel.stderr[-3000:]
+    import zipfile
+
+    (built,) = (tmp_path / "wheels").glob("swapper-*.whl")
+    names = zipfile.ZipFile(built).namelist()
+    assert "swapper/engines/build-llama-server.sh" in names and "swapper/presets/cpu.yaml" in names
+    for licence in REPO.glob("LICENSE*"):
+        assert any(n.endswith(f".dist-info/licenses/{licence.name}") or n.endswith(f".dist-info/{licence.name}")
+                   for n in names), f"{licence.name} missing from the wheel"
+
+
+def shared_steps(name: str) -> dict[str, list[str]]:
+    """The instructions every image has in common with the cpu image, by what they do."""
+    ins = instructions(name)
+    fin = final(name)
+    user = [i.args for i in fin if i.op == "RUN" and "useradd" in i.args]
+    return {
+        "package sources": [i.args for i in ins if i.op == "COPY" and " /src" in i.args],
+        "build script": [i.args for i in ins if i.op == "COPY" and "build-llama-server.sh" in i.args],
+        "user": [a[a.index("groupadd"):] for a in user],
+        "runtime": [f"{i.op} {i.args}" for i in fin if i.op in ("USER", "WORKDIR", "EXPOSE", "STOPSIGNAL",
+                                                                "HEALTHCHECK", "ENTRYPOINT", "CMD")],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(set(IMAGES) - {"cpu"}))
+def test_steps_shared_with_the_cpu_image_are_the_same_code(name):
+    """The cpu image is the one built and run in CI: what the others share with it is the same text,
+    so a CI run proves those steps for every image."""
+    cpu, other = shared_steps("cpu"), shared_steps(name)
+    assert other["package sources"] == cpu["package sources"]
+    assert other["build script"] == cpu["build script"]
+    assert [u.split(" && install -d")[0] for u in other["user"]] == [u.split(" && install -d")[0] for u in cpu["user"]]
+    install_dirs = cpu["user"][0].split(" && install -d")[1]
+    assert other["user"][0].split(" && install -d")[1].startswith(install_dirs)
+    drop = ("HEALTHCHECK --interval",)  # the vLLM image allows a longer start period
+    assert [r for r in other["runtime"] if not r.startswith(drop)] == [r for r in cpu["runtime"]
+                                                                       if not r.startswith(drop)]
+    assert other["runtime"][-3].split(" CMD ", 1)[1] == cpu["runtime"][-3].split(" CMD ", 1)[1]
 
 
 # ------------------------------------------------------------------------------ final stage
@@ -277,6 +383,32 @@ def test_build_script_variants(fake_tools, tmp_path, variant, expected, absent):
     binary = dest / "bin" / "llama-server"
     assert os.access(binary, os.X_OK) and "fake" in (dest / "VERSION").read_text()
     assert not list(Path(env["TMPDIR"]).iterdir()), "the work tree is removed"
+
+
+FAKE_PYTHON3 = r"""#!/usr/bin/env bash
+# stands in for python3 -m pip download: records its arguments, leaves the sdist it was given
+{ printf '%s\0' "$@"; printf '\n'; } >> "$FAKE_PIP_LOG"
+while [ $# -gt 0 ]; do [ "$1" = "-d" ] && { mkdir -p "$2"; cp "$FAKE_SDIST" "$2/"; }; shift; done
+"""
+
+
+def test_build_script_downloads_only_llama_cpp_python_from_source(fake_tools, tmp_path):
+    """`--no-binary :all:` would also compile every build tool pip fetches to read the sdist's
+    metadata (ninja among them: ~25 minutes); only the sdist itself must be a source download."""
+    (Path(fake_tools["PATH"].split(":")[0]) / "python3").write_text(FAKE_PYTHON3)
+    (Path(fake_tools["PATH"].split(":")[0]) / "python3").chmod(0o755)
+    env = {k: v for k, v in fake_tools.items() if k != "LLAMA_SDIST"}
+    env.update(FAKE_PIP_LOG=str(tmp_path / "pip.log"), FAKE_SDIST=fake_tools["LLAMA_SDIST"])
+    out = run_script([LLAMA_CPP_PYTHON_VERSION, "cpu", str(tmp_path / "engine")], env)
+    assert out.returncode == 0, out.stderr
+    (pip,) = [ln.split("\0")[:-1] for ln in Path(env["FAKE_PIP_LOG"]).read_text().split("\n") if ln]
+    assert pip[:3] == ["-m", "pip", "download"]
+    assert f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}" in pip and "--no-deps" in pip
+    no_binary = [pip[n + 1] for n, a in enumerate(pip) if a == "--no-binary"]
+    assert no_binary == ["llama-cpp-python"]
+    assert not any(":all:" in a for a in pip)
+    (configure, _build) = cmake_calls(env)
+    assert configure[1].endswith(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp")
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))

@@ -28,7 +28,10 @@ trap 'rm -rf "$work"' EXIT
 
 sdist=${LLAMA_SDIST:-}
 if [ -z "$sdist" ]; then
-  python3 -m pip download --quiet --no-deps --no-binary :all: \
+  # --no-binary names the one package: with :all: pip would also build, from source, every build
+  # tool it installs to read the sdist's metadata (scikit-build-core, ninja, ...), which takes
+  # ~25 minutes where no ninja is installed; the sdist itself downloads in seconds.
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
     "llama-cpp-python==${version}" -d "$work/dl"
   sdist=$(ls "$work"/dl/llama_cpp_python-*.tar.gz)
 fi
