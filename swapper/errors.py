@@ -40,8 +40,24 @@ def error_response(message: str, status: int, code: str, param: str | None = Non
                         content_type="application/json", headers=h)
 
 
+# the scheduler's domain errors (by their code) -> HTTP status; anything else unknown is 503
+SCHEDULER_STATUS = {
+    "queue_full": 503, "queue_timeout": 504, "insufficient_memory": 503, "model_load_failed": 503,
+    "shutting_down": 503, "model_not_found": 404, "model_unloaded": 503, "model_not_loaded": 400,
+    "model_already_loaded": 400, "model_pinned": 400,
+}
+# admin answers keep llama.cpp router's code for these
+_ADMIN_CODE = {"model_already_loaded": "invalid_request", "model_pinned": "invalid_request"}
+
+
+def scheduler_status(e: SchedulerError) -> int:
+    return SCHEDULER_STATUS.get(e.code, 503)
+
+
 def from_scheduler(e: SchedulerError) -> web.Response:
-    return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
+    status = scheduler_status(e)
+    return error_response(e.message, status, _ADMIN_CODE.get(e.code, e.code),
+                          "model" if status in (400, 404) else None, retry_after=e.retry_after)
 
 
 def bad_request(message: str, param: str | None = None) -> web.Response:

@@ -208,7 +208,7 @@ class Proxy:
         if res is None:
             return not_found_model(name, self.rt.catalog.names())
         m = self.rt.scheduler.models.get(res.entry.id)
-        if m is None or m.instance is None or m.state.public != "loaded":
+        if m is None or m.instance is None or not m.loaded:
             return error_response(f"model '{res.entry.id}' is not loaded", 503, "model_not_loaded")
         try:
             async with self.rt.session.get(m.instance.base_url + "/metrics",

@@ -1,0 +1,482 @@
+"""The effects runner: the scheduler's edge, and the object the rest of swapper talks to.
+
+It turns requests and commands into events for the decision core (`core.py`), carries out the
+effects the core returns (tasks that call the launcher; grants and failures delivered to the
+waiting requests; footprints learned; swap events reported) and feeds the outcomes back as
+events. It is also where the probe is read: on ticks while something waits or starts, before
+a cold request is admitted, and after every start and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterable, Protocol
+
+from ..catalog import Adapter, Catalog, ModelEntry
+from ..estimate import Estimator
+from ..gpu import MemoryProbe
+from . import events as E
+from . import ledger
+from .core import Core, SchedulerConfig
+from .errors import LoadError, ShuttingDown, UnknownModel
+from .ledger import Reading
+from .lifecycle import STARTING, Instance, Model, State
+
+log = logging.getLogger("swapper.scheduler")
+
+
+class Launcher(Protocol):
+    """The edge that turns decisions into processes."""
+
+    async def start(self, entry: ModelEntry, reserved: int,
+                    on_exit: Callable[[int | None], None]) -> Instance: ...
+
+    async def stop(self, instance: Instance, entry: ModelEntry) -> None: ...
+
+    def can_sleep(self, entry: ModelEntry) -> bool: ...
+
+    async def sleep(self, instance: Instance, entry: ModelEntry) -> None: ...
+
+    async def wake(self, instance: Instance, entry: ModelEntry) -> None: ...
+
+    def prefetch(self, entry: ModelEntry) -> None: ...
+
+
+@dataclass
+class SwapEvent:
+    time: float  # wall clock
+    model: str
+    action: str  # load | evict | sleep | wake | unload | fail | exit
+    reason: str  # demand | manual | preload | budget | ttl | drain | shutdown | reload | removed | crash
+    bytes: int = 0
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class Lease:
+    """A granted request: the child to send it to."""
+
+    model: Model
+    instance: Instance
+    adapter: Adapter | None = None
+
+    @property
+    def entry(self) -> ModelEntry:
+        return self.model.entry
+
+
+class Scheduler:
+    """One owner of model state: commands in, leases out; decisions in `Core`."""
+
+    def __init__(self, catalog: Catalog, probe: MemoryProbe, launcher: Launcher, estimator: Estimator,
+                 config: SchedulerConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.cfg = config or SchedulerConfig()
+        self.probe = probe
+        self.launcher = launcher
+        self.estimator = estimator
+        self.clock = clock
+        self.wall = wall
+        self.events: deque[SwapEvent] = deque(maxlen=200)
+        self.listeners: list[Callable[[SwapEvent], None]] = []
+        self.grant_listeners: list[Callable[[str, float], None]] = []  # (model, seconds waited)
+        self._futures: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+        self._starts: set[asyncio.Task] = set()
+        self._inbox: deque[E.Event] = deque()
+        self._feeding = False
+        self._read_at = float("-inf")
+        reading = self._read()
+        host_total = reading.total if reading and probe.kind == "host" else _host_total()
+        self.core = Core(self.cfg, clock, reading, host_capacity=self.cfg.host_budget.resolve(host_total),
+                         pid_visible=True if probe.kind == "host" else None,
+                         can_sleep=self._can_sleep, serial_start=self._serial_start)
+        self.catalog = catalog
+        self.feed(E.CatalogChanged(list(catalog)))
+
+    # ------------------------------------------------------------------ the read-only view
+
+    @property
+    def models(self) -> dict[str, Model]:
+        return self.core.models
+
+    @property
+    def capacity(self) -> int:
+        return self.core.capacity
+
+    @property
+    def host_capacity(self) -> int:
+        return self.core.host_capacity
+
+    @property
+    def closing(self) -> bool:
+        return self.core.closing
+
+    @property
+    def pid_visible(self) -> bool | None:
+        return self.core.pid_visible
+
+    @property
+    def revision(self) -> int:
+        """Changes whenever a model's state, pin or the catalog changes (not on every request)."""
+        return self.core.revision
+
+    @property
+    def ready(self) -> bool:
+        return any(m.loaded for m in self.models.values())
+
+    def loaded(self) -> list[Model]:
+        """The models that serve now: READY or DRAINING (`status.value == "loaded"`)."""
+        return [m for m in self.models.values() if m.loaded]
+
+    def ledger_used(self, exclude: Model | None = None) -> int:
+        return ledger.used(self.models.values(), exclude)
+
+    def host_used(self) -> int:
+        return ledger.host_used(self.models.values())
+
+    def room(self, exclude: Model | None = None) -> int:
+        return self.core.room(exclude)
+
+    def need(self, m: Model) -> int:
+        return m.need
+
+    # ------------------------------------------------------------------ requests
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, model_id: str, adapter: Adapter | None = None, *,
+                      autoload: bool = True) -> AsyncIterator[Lease]:
+        """Wait until the model is resident and hold an in-flight slot on it."""
+        m = self._model(model_id)
+        await self.prepare(m.entry)
+        wid, fut = self._waiter()
+        self._arrive(E.Arrived(wid, model_id, self._estimate(m), autoload=autoload))
+        try:
+            instance = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.feed(E.Released(model_id))  # granted in the instant the client left
+            else:
+                self.feed(E.Left(wid, model_id))
+            raise
+        try:
+            yield Lease(m, instance, adapter)
+        finally:
+            self.feed(E.Released(model_id))
+
+    async def prepare(self, entry: ModelEntry) -> None:
+        """Compute a model's estimate off the event loop (reading a big vocabulary takes a while)."""
+        m = self.models.get(entry.id)
+        if m is not None and m.measured:
+            return
+        with contextlib.suppress(Exception):
+            if self.estimator.peek(entry) is None:
+                await asyncio.get_running_loop().run_in_executor(None, self._estimate_entry, entry)
+
+    def start_load(self, model_id: str, reason: str = "manual", *, refuse_loaded: bool = False,
+                   refuse_loading: bool = False) -> asyncio.Future:
+        """Ask for a model to be resident; the future resolves when it is (refusals at once)."""
+        return self._start_load(model_id, reason, refuse_loaded, refuse_loading)[1]
+
+    def _start_load(self, model_id: str, reason: str, refuse_loaded: bool = False,
+                    refuse_loading: bool = False) -> tuple[int, asyncio.Future]:
+        m = self._model(model_id)
+        wid, fut = self._waiter()
+        fut.add_done_callback(_retrieve)
+        self._arrive(E.Arrived(wid, model_id, self._estimate(m), counts=False, bounded=False, reason=reason,
+                               refuse_loaded=refuse_loaded, refuse_loading=refuse_loading))
+        return wid, fut
+
+    async def load(self, model_id: str, reason: str = "manual") -> None:
+        """Make a model resident without a request (admin load, preload, pins)."""
+        await self.prepare(self._model(model_id).entry)
+        wid, fut = self._start_load(model_id, reason)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not fut.done():
+                self.feed(E.Left(wid, model_id))
+            raise
+
+    def start_unload(self, model_id: str, force: bool = False, reason: str = "manual", *,
+                     refuse_if_unloaded: bool = False) -> asyncio.Future:
+        m = self._model(model_id)
+        wid, fut = self._waiter()
+        self.feed(E.Unload(wid, m.id, force, reason, refuse_if_unloaded))
+        fut.add_done_callback(_retrieve)
+        return fut
+
+    async def unload(self, model_id: str, force: bool = False, reason: str = "manual") -> None:
+        """Drain in-flight requests, then stop (queued waiters of the model are failed)."""
+        await asyncio.shield(self.start_unload(model_id, force, reason))
+
+    def set_pinned(self, model_id: str, pinned: bool) -> None:
+        """A pinned model is never evicted (nor TTL-unloaded); unpinned, it is evictable again."""
+        self._model(model_id)
+        self.feed(E.SetPinned(model_id, pinned))
+
+    def set_catalog(self, catalog: Catalog, eager: Iterable[str] = ()) -> None:
+        """Adopt a new catalog (reload): changed resident models restart, removed ones drain."""
+        self.catalog = catalog
+        self.feed(E.CatalogChanged(list(catalog), frozenset(eager)))
+
+    async def child_gone(self, instance: Instance, timeout: float = 3.0) -> bool:
+        """A granted child refused or reset a connection: wait (briefly) for its exit to be known.
+
+        True once the scheduler knows the child is gone (the request can wait for the reload);
+        False if it is still alive (a broken connection, not a dead child)."""
+        wait = getattr(instance, "wait_exit", None)
+        if wait is None:
+            return not getattr(instance, "alive", True)
+        return bool(await wait(timeout))
+
+    def _model(self, model_id: str) -> Model:
+        if self.closing:
+            raise ShuttingDown("swapper is shutting down")
+        m = self.models.get(model_id)
+        if m is None or m.removed:
+            raise UnknownModel(f"model '{model_id}' not found; known models: {', '.join(self.catalog.names())}")
+        return m
+
+    def _waiter(self) -> tuple[int, asyncio.Future]:
+        wid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._futures[wid] = fut
+        return wid, fut
+
+    def _estimate(self, m: Model) -> int:
+        if m.measured:
+            return m.measured
+        try:
+            return self.estimator.estimate(m.entry).bytes
+        except Exception as e:
+            log.warning("cannot estimate %s: %s", m.id, e)
+            return m.entry.size
+
+    def _estimate_entry(self, entry: ModelEntry) -> None:
+        try:
+            self.estimator.estimate(entry)
+        except Exception as e:
+            log.warning("cannot estimate %s: %s", entry.id, e)
+
+    def _arrive(self, ev: E.Arrived) -> None:
+        m = self.models.get(ev.model)
+        if m is not None and not m.loaded:  # a cold request decides with a fresh reading
+            self._refresh(min_age=0.0)
+        self.feed(ev)
+
+    # ------------------------------------------------------------------ time and shutdown
+
+    def tick(self) -> None:
+        """Time-based rules; the probe is read only while something waits or starts."""
+        busy = any(m.queue or m.state in STARTING or m.state == State.AWAITING_ROOM for m in self.models.values())
+        reading = self._read() if busy else None
+        seen: dict[str, int] = {}
+        if busy and self.pid_visible:
+            for m in self.models.values():
+                if m.state in STARTING and m.instance is not None:
+                    with contextlib.suppress(Exception):
+                        seen[m.id] = self.probe.process_bytes(m.instance.pids()) or 0
+        self.feed(E.Tick(reading, seen))
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop taking work, fail waiters, let in-flight requests finish, stop every child."""
+        timeout = self.cfg.drain_timeout if drain_timeout is None else drain_timeout
+        self.feed(E.Shutdown(timeout))
+        deadline = time.monotonic() + timeout + 1.0
+        while any(m.state == State.DRAINING for m in self.models.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            self.tick()
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until no effect is running (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ------------------------------------------------------------------ events and effects
+
+    def feed(self, ev: E.Event) -> None:
+        """Hand one event to the core and carry out its effects; events that effects raise
+        meanwhile are queued and handled in order (the core is never re-entered)."""
+        self._inbox.append(ev)
+        if self._feeding:
+            return
+        self._feeding = True
+        try:
+            while self._inbox:
+                for eff in self.core.handle(self._inbox.popleft()):
+                    try:
+                        self._do(eff)
+                    except Exception:
+                        log.exception("scheduler effect %r failed", eff)
+        finally:
+            self._feeding = False
+
+    def _do(self, eff: E.Effect) -> None:
+        if isinstance(eff, E.Grant):
+            fut = self._futures.pop(eff.waiter, None)
+            if fut is None or fut.done():
+                if eff.counts:
+                    self.feed(E.Released(eff.model))  # nobody there to take the slot
+                return
+            fut.set_result(eff.instance)
+            if eff.counts:
+                for fn in self.grant_listeners:
+                    fn(eff.model, eff.waited)
+        elif isinstance(eff, E.Fail):
+            fut = self._futures.pop(eff.waiter, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(eff.error)
+        elif isinstance(eff, E.Done):
+            fut = self._futures.pop(eff.waiter, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif isinstance(eff, E.Start):
+            self._spawn(self._start(eff), start=True)
+        elif isinstance(eff, E.Stop):
+            self._spawn(self._stop(eff))
+        elif isinstance(eff, E.Wake):
+            self._spawn(self._wake(eff), start=True)
+        elif isinstance(eff, E.Measure):
+            self.feed(E.Measured(eff.model, eff.instance, self._process_bytes(eff.instance)))
+        elif isinstance(eff, E.Learn):
+            self.estimator.learn(eff.entry, eff.bytes)
+        elif isinstance(eff, E.Prefetch):
+            self.launcher.prefetch(eff.entry)
+        elif isinstance(eff, E.Report):
+            self._report(eff)
+        elif isinstance(eff, E.CancelStarts):
+            for t in list(self._starts):
+                t.cancel()
+
+    async def _start(self, eff: E.Start) -> None:
+        t0 = self.clock()
+        child: dict[str, Instance] = {}
+
+        def on_exit(code: int | None) -> None:
+            self.feed(E.Exited(eff.model, child.get("instance"), code))  # type: ignore[arg-type]
+
+        before = self._device_used() if eff.measure_device else None
+        try:
+            inst = await self.launcher.start(eff.entry, eff.reserved, on_exit)
+        except asyncio.CancelledError:
+            self.feed(E.LoadFailedEvent(eff.model, LoadError("cancelled: swapper is shutting down"), 0.0))
+            raise
+        except LoadError as e:
+            self.feed(E.LoadFailedEvent(eff.model, e, self.clock() - t0))
+            return
+        except Exception as e:  # a bug in the launcher must not wedge the model
+            log.exception("starting %s failed", eff.model)
+            self.feed(E.LoadFailedEvent(eff.model, LoadError(str(e)), self.clock() - t0))
+            return
+        child["instance"] = inst
+        after = self._device_used() if before is not None else None
+        delta = after - before if after is not None and before is not None else None
+        self.feed(E.Loaded(eff.model, inst, self.clock() - t0, self._process_bytes(inst), delta))
+
+    async def _stop(self, eff: E.Stop) -> None:
+        t0 = self.clock()
+        slept = False
+        if eff.sleep and eff.instance is not None:
+            try:
+                await self.launcher.sleep(eff.instance, eff.entry)
+                slept = True
+            except Exception as e:
+                log.warning("sleeping %s failed (%s); stopping it instead", eff.model, e)
+        if not slept and eff.instance is not None:
+            try:
+                await self.launcher.stop(eff.instance, eff.entry)
+            except Exception:
+                log.exception("stopping %s failed", eff.model)
+        self.feed(E.Stopped(eff.model, slept, self.clock() - t0, self._read()))
+
+    async def _wake(self, eff: E.Wake) -> None:
+        t0 = self.clock()
+        try:
+            await self.launcher.wake(eff.instance, eff.entry)
+        except Exception as e:
+            log.error("waking %s failed: %s; stopping it", eff.model, e)
+            with contextlib.suppress(Exception):
+                await self.launcher.stop(eff.instance, eff.entry)
+            self.feed(E.LoadFailedEvent(eff.model, LoadError(f"wake failed: {e}"), self.clock() - t0))
+            return
+        self.feed(E.Woke(eff.model, self.clock() - t0, self._process_bytes(eff.instance)))
+
+    def _spawn(self, coro: Any, start: bool = False) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        if start:
+            self._starts.add(t)
+            t.add_done_callback(self._starts.discard)
+
+    def _report(self, r: E.Report) -> None:
+        ev = SwapEvent(self.wall(), r.model, r.action, r.reason, r.bytes, r.seconds, r.detail)
+        self.events.append(ev)
+        for fn in list(self.listeners):
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("swap event listener failed")
+
+    # ------------------------------------------------------------------ the probe
+
+    def _read(self) -> Reading | None:
+        try:
+            mem = self.probe.memory()
+        except Exception as e:
+            log.warning("memory probe failed: %s", e)
+            return None
+        self._read_at = time.monotonic()
+        return Reading(mem.total, mem.used, mem.free)
+
+    def _refresh(self, min_age: float) -> None:
+        if time.monotonic() - self._read_at >= min_age:
+            reading = self._read()
+            if reading is not None:
+                self.feed(E.Tick(reading))
+
+    def _device_used(self) -> int | None:
+        reading = self._read()
+        return reading.used if reading else None
+
+    def _process_bytes(self, inst: Instance) -> int | None:
+        try:
+            return self.probe.process_bytes(inst.pids())
+        except Exception as e:
+            log.debug("per-process memory unavailable: %s", e)
+            return None
+
+    def _can_sleep(self, entry: ModelEntry) -> bool:
+        try:
+            return bool(self.launcher.can_sleep(entry))
+        except Exception:
+            return False
+
+    def _serial_start(self, entry: ModelEntry) -> bool:
+        fn = getattr(self.launcher, "serial_start", None)
+        try:
+            return bool(fn(entry)) if fn is not None else False
+        except Exception:
+            return False
+
+
+def _retrieve(f: asyncio.Future) -> None:
+    """Mark a command's failure as seen: nobody may be awaiting a background load."""
+    if not f.cancelled():
+        f.exception()
+
+
+def _host_total() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
