@@ -8,7 +8,8 @@
 | `admission.py` | the core's decisions after every event: grants, starts, evictions, drains, TTL |
 | `planner.py` | `plan_eviction`, a pure function |
 | `ledger.py` | capacity, reservations and room, from numbers and a probe reading |
-| `runner.py` | `Scheduler`: the edge that runs effects (launcher, probe, futures) and feeds back events |
+| `runner.py` | `Scheduler`: commands (acquire, load, unload, pin, catalog), the read-only view, ticks |
+| `effects.py` | the effects runner at the edge: launcher tasks, probe reads, futures; outcomes fed back as events |
 | `errors.py` | domain errors (no HTTP codes: `swapper/errors.py` maps them) |
 """
 
@@ -18,7 +19,8 @@ from .errors import (AlreadyLoaded, IllegalTransition, InsufficientMemory, LoadE
 from .ledger import Reading
 from .lifecycle import COUNTS_RESIDENT, HOLDS_DEVICE, SERVING, TRANSITIONS, Instance, Model, State, Waiter
 from .planner import Candidate, plan_eviction
-from .runner import Launcher, Lease, Scheduler, SwapEvent
+from .effects import Launcher, Lease, SwapEvent
+from .runner import Scheduler
 
 __all__ = [
     "AlreadyLoaded", "COUNTS_RESIDENT", "Candidate", "Core", "HOLDS_DEVICE", "IllegalTransition", "Instance",

@@ -98,7 +98,8 @@ class Admission:
             m.inflight += 1
         m.last_used = now
         assert m.instance is not None
-        self.emit(Grant(w.id, m.id, m.instance, now - w.enqueued, w.counts))
+        if w.id >= 0:  # negative ids are the core's own loads (reload restarts): nobody to tell
+            self.emit(Grant(w.id, m.id, m.instance, now - w.enqueued, w.counts))
 
     def fail_queue(self: Core, m: Model, err: SchedulerError) -> None:
         while m.queue:
