@@ -26,6 +26,7 @@ from .api import Api, make_middlewares
 from .backends.llamacpp import LLAMA_HTTP_THREADS
 from .catalog import Catalog, ModelEntry, build_catalog
 from .config import ConfigError, Settings, load_settings
+from .errors import JsonErrorRunner
 from .estimate import Estimate, Estimator, FootprintStore
 from .gpu import MemoryProbe, detect
 from .launcher import ProcessLauncher
@@ -293,7 +294,7 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
         return 2
     atexit.register(getattr(rt.launcher, "kill_all", lambda: None))
     app = create_app(rt)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, st.listen.host, st.listen.port, backlog=1024, reuse_address=True)
     try:
