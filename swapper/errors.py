@@ -60,8 +60,8 @@ def scheduler_status(e: SchedulerError) -> int:
 
 def from_scheduler(e: SchedulerError) -> web.Response:
     status = scheduler_status(e)
-    return error_response(e.message, status, _ADMIN_CODE.get(e.code, e.code),
-                          "model" if status in (400, 404) else None, retry_after=e.retry_after)
+    param = "force" if e.code == "model_pinned" else "model" if status in (400, 404) else None
+    return error_response(e.message, status, _ADMIN_CODE.get(e.code, e.code), param, retry_after=e.retry_after)
 
 
 def bad_request(message: str, param: str | None = None) -> web.Response:

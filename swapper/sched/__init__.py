@@ -17,14 +17,14 @@ from .core import Core, SchedulerConfig
 from .errors import (AlreadyLoaded, IllegalTransition, InsufficientMemory, LoadError, LoadFailed, NotLoaded,
                      Pinned, QueueFull, QueueTimeout, SchedulerError, ShuttingDown, UnknownModel, Unloaded)
 from .ledger import Reading
-from .lifecycle import COUNTS_RESIDENT, HOLDS_DEVICE, SERVING, TRANSITIONS, Instance, Model, State, Waiter
+from .lifecycle import COUNTS_RESIDENT, HOLDS_DEVICE, LOADED, SERVING, TRANSITIONS, Instance, Model, State, Waiter
 from .planner import Candidate, plan_eviction
 from .effects import Launcher, Lease, SwapEvent
 from .runner import Scheduler
 
 __all__ = [
     "AlreadyLoaded", "COUNTS_RESIDENT", "Candidate", "Core", "HOLDS_DEVICE", "IllegalTransition", "Instance",
-    "InsufficientMemory", "Launcher", "Lease", "LoadError", "LoadFailed", "Model", "NotLoaded", "Pinned",
+    "InsufficientMemory", "LOADED", "Launcher", "Lease", "LoadError", "LoadFailed", "Model", "NotLoaded", "Pinned",
     "QueueFull", "QueueTimeout", "Reading", "SERVING", "Scheduler", "SchedulerConfig", "SchedulerError",
     "ShuttingDown", "State", "SwapEvent", "TRANSITIONS", "UnknownModel", "Unloaded", "Waiter", "plan_eviction",
 ]

@@ -298,7 +298,7 @@ class Core(Admission):
             return self.emit(Fail(ev.waiter, UnknownModel(f"model '{ev.model}' not found")))
         if m.pinned and not ev.force:
             return self.emit(Fail(ev.waiter, Pinned(f"model '{m.id}' is pinned; unload it with force")))
-        if ev.refuse_if_unloaded and m.state == State.UNLOADED and not m.queue:
+        if ev.refuse_if_unloaded and m.state.public == "unloaded" and not m.queue:
             return self.emit(Fail(ev.waiter, NotLoaded(f"model '{m.id}' is not running")))
         self.fail_queue(m, Unloaded(f"model '{m.id}' was unloaded"))
         m.stop_waiters.append(ev.waiter)

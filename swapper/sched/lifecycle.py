@@ -43,7 +43,7 @@ class State(str, Enum):
 
 _PUBLIC = {
     State.UNLOADED: "unloaded", State.AWAITING_ROOM: "loading", State.LOADING: "loading",
-    State.READY: "loaded", State.DRAINING: "loaded", State.STOPPING: "unloaded",
+    State.READY: "loaded", State.DRAINING: "loaded", State.STOPPING: "loaded",
     State.SLEEPING: "sleeping", State.WAKING: "loading",
 }
 
@@ -61,7 +61,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 HOLDS_DEVICE = frozenset({S.AWAITING_ROOM, S.LOADING, S.READY, S.DRAINING, S.STOPPING, S.WAKING})
 COUNTS_RESIDENT = frozenset({S.AWAITING_ROOM, S.LOADING, S.READY, S.DRAINING, S.WAKING})
-SERVING = frozenset({S.READY, S.DRAINING})  # "loaded": the one definition everyone reads
+SERVING = frozenset({S.READY, S.DRAINING})  # takes or finishes requests
+# "loaded" (status, /running, readiness, metrics, child metrics): the one definition everyone
+# reads — the child is up and holds its memory, until its stop has finished
+LOADED = frozenset({S.READY, S.DRAINING, S.STOPPING})
 STARTING = frozenset({S.LOADING, S.WAKING})
 
 
@@ -157,7 +160,7 @@ class Model:
 
     @property
     def loaded(self) -> bool:
-        return self.state in SERVING
+        return self.state in LOADED
 
     @property
     def queued(self) -> int:
