@@ -100,12 +100,6 @@ class Runtime:
         for callers that prepare before acquiring)."""
         await self.scheduler.prepare(entry)
 
-    def estimate_quietly(self, entry: ModelEntry) -> None:
-        try:
-            self.estimator.estimate(entry)
-        except Exception as e:
-            log.warning("cannot estimate %s: %s", entry.id, e)
-
     async def reload(self) -> tuple[int, str] | None:
         """Re-read settings (config file) and rescan models; the scheduler adopts the result.
 

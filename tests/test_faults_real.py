@@ -179,7 +179,7 @@ def test_chaos_children_killed_under_load_never_cost_an_unstarted_request_a_502(
         while not stop.is_set():
             try:
                 r = complete(s, rng.choice(["t1", "t2", "t3"]), timeout=90)
-            except OSError as e:  # a response cut after its first byte (allowed, counted)
+            except OSError:  # a response cut after its first byte (allowed, counted)
                 with lock:
                     counts["cut"] += 1
                 continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 from ..catalog import ModelEntry
 from ..units import SizeSpec, format_bytes
@@ -401,5 +401,3 @@ class Core(Admission):
     def backoff(self, m: Model) -> float:
         return min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** (max(1, m.failures) - 1))
 
-    def entries(self) -> Iterable[ModelEntry]:
-        return (m.entry for m in self.models.values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..catalog import ModelEntry
 from .errors import IllegalTransition
@@ -191,7 +191,3 @@ def transition(m: Model, new: State, rec: Record = IDLE) -> None:
     m.state = new
     m.rec = rec
 
-
-def describe(m: Model) -> dict[str, Any]:
-    """The transition record as plain data (status extras)."""
-    return {k: getattr(m.rec, k) for k in getattr(m.rec, "__dataclass_fields__", {})}
