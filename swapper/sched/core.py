@@ -152,6 +152,8 @@ class Core(Admission):
     # ------------------------------------------------------------------ the runner reports
 
     def _on_Loaded(self, ev: Loaded) -> None:
+        if ev.reading is not None:
+            self.reading = ev.reading
         m = self.models.get(ev.model)
         if m is None or m.state != State.LOADING:
             log.error("model %s reported loaded while %s", ev.model, m.state.value if m else "unknown")
@@ -174,6 +176,8 @@ class Core(Admission):
         self.after_start(m, rec)
 
     def _on_Woke(self, ev: Woke) -> None:
+        if ev.reading is not None:
+            self.reading = ev.reading
         m = self.models.get(ev.model)
         if m is None or m.state != State.WAKING:
             return

@@ -163,9 +163,9 @@ class EffectsRunner:
             self.feed(E.LoadFailedEvent(eff.model, LoadError(str(e)), self.clock() - t0))
             return
         child["instance"] = inst
-        after = self._device_used() if before is not None else None
-        delta = after - before if after is not None and before is not None else None
-        self.feed(E.Loaded(eff.model, inst, self.clock() - t0, self._process_bytes(inst), delta))
+        reading = self._read()
+        delta = reading.used - before if reading is not None and before is not None else None
+        self.feed(E.Loaded(eff.model, inst, self.clock() - t0, self._process_bytes(inst), delta, reading))
 
     async def _stop(self, eff: E.Stop) -> None:
         t0 = self.clock()
@@ -193,7 +193,7 @@ class EffectsRunner:
                 await self.launcher.stop(eff.instance, eff.entry)
             self.feed(E.LoadFailedEvent(eff.model, LoadError(f"wake failed: {e}"), self.clock() - t0))
             return
-        self.feed(E.Woke(eff.model, self.clock() - t0, self._process_bytes(eff.instance)))
+        self.feed(E.Woke(eff.model, self.clock() - t0, self._process_bytes(eff.instance), self._read()))
 
     def _spawn(self, coro: Any, start: bool = False) -> None:
         t = asyncio.get_running_loop().create_task(coro)

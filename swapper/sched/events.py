@@ -57,6 +57,7 @@ class Loaded:
     seconds: float
     process_bytes: int | None  # the probe's per-process reading right after, if shown
     device_delta: int | None = None  # device used memory after minus before (serial loads)
+    reading: Reading | None = None  # the device right after the load
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Woke:
     model: str
     seconds: float
     process_bytes: int | None
+    reading: Reading | None = None
 
 
 @dataclass(frozen=True)
