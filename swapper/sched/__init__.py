@@ -11,9 +11,11 @@
 | `runner.py` | `Scheduler`: commands (acquire, load, unload, pin, catalog), the read-only view, ticks |
 | `effects.py` | the effects runner at the edge: launcher tasks, probe reads, futures; outcomes fed back as events |
 | `errors.py` | domain errors (no HTTP codes: `swapper/errors.py` maps them) |
+| `settings.py` | `SchedulerConfig`, the knobs |
 """
 
-from .core import Core, SchedulerConfig
+from .core import Core
+from .settings import SchedulerConfig
 from .errors import (AlreadyLoaded, IllegalTransition, InsufficientMemory, LoadError, LoadFailed, NotLoaded,
                      Pinned, QueueFull, QueueTimeout, SchedulerError, ShuttingDown, UnknownModel, Unloaded)
 from .ledger import Reading

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from typing import Callable
 
 from ..catalog import ModelEntry
-from ..units import SizeSpec, format_bytes
+from ..units import format_bytes
 from . import ledger
 from .admission import Admission
 from .errors import (AlreadyLoaded, InsufficientMemory, NotLoaded, Pinned, QueueFull, QueueTimeout,
@@ -25,26 +24,9 @@ from .events import (Arrived, CatalogChanged, Done, Effect, Event, Exited, Fail,
                      CancelStarts, Tick, Unload, Woke)
 from .ledger import Reading
 from .lifecycle import SERVING, STARTING, Leaving, Model, Starting, State, Waiter
+from .settings import SchedulerConfig
 
 log = logging.getLogger("swapper.scheduler")
-
-
-@dataclass
-class SchedulerConfig:
-    budget: SizeSpec = field(default_factory=lambda: SizeSpec(fraction=0.9))
-    reserve: int = 0
-    host_budget: SizeSpec = field(default_factory=lambda: SizeSpec(bytes=16 << 30))
-    max_models: int = 0
-    queue_size: int = 64
-    queue_timeout: float = 300.0
-    max_wait: float = 60.0
-    idle_ttl: float = 0.0
-    drain_timeout: float = 30.0
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    crash_window: float = 60.0  # a crash this soon after a post-crash reload is a crash loop
-    settle: float = 2.0  # how long the probe may lag behind a stop before more is evicted
-    prefetch: bool = True
 
 
 def launch_key(e: ModelEntry) -> ModelEntry:

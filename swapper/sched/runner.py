@@ -20,7 +20,8 @@ from ..estimate import Estimator
 from ..gpu import MemoryProbe
 from . import events as E
 from . import ledger
-from .core import Core, SchedulerConfig
+from .core import Core
+from .settings import SchedulerConfig
 from .effects import EffectsRunner, Launcher, Lease, SwapEvent
 from .errors import ShuttingDown, UnknownModel
 from .lifecycle import STARTING, Instance, Model, State
