@@ -325,14 +325,16 @@ def capacity_problem(rt: Runtime) -> str | None:
     if s.capacity <= 0:
         return f"cannot serve: {where} leaves a capacity of 0 bytes; raise --budget or lower --reserve"
     sizes = []
-    for e in rt.catalog:
+    for e in rt.catalog:  # stops at the first model that fits: a big catalog costs one estimate
         est = rt.estimate_or_none(e)
         if est is None:
             with contextlib.suppress(Exception):
                 est = rt.estimator.estimate(e)
         if est is not None:
+            if est.bytes <= s.capacity:
+                return None
             sizes.append(est.bytes)
-    if sizes and min(sizes) > s.capacity:
+    if sizes:
         return (f"cannot serve: {where} gives a capacity of {format_bytes(s.capacity)}, smaller than every "
                 f"model (the smallest needs {format_bytes(min(sizes))}); raise --budget or lower --reserve")
     return None
