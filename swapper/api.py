@@ -29,10 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, control, router_api
 from .catalog import ModelEntry
-from .errors import bad_request, error_response, not_found_model
-from .scheduler import Model, SchedulerError, State
+from .errors import bad_request, error_response, from_scheduler, not_found_model
 from .preset_catalog import preset_text
 from .router_api import engine_build_info
+from .scheduler import Model, SchedulerError
 from .units import format_bytes
 
 if TYPE_CHECKING:
@@ -173,7 +173,9 @@ def make_middlewares(rt: Runtime) -> list[Any]:
         except asyncio.CancelledError:
             raise
         except SchedulerError as e:
-            return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
+            return from_scheduler(e)
+        except RecursionError:  # JSON nested too deep for the parser
+            return bad_request("request body is nested too deeply")
         except Exception as e:  # nothing crashes the supervisor
             log.exception("unhandled error on %s %s", request.method, request.path)
             return error_response(f"internal error: {e.__class__.__name__}", 500, "internal_error")
@@ -261,7 +263,7 @@ class Api:
 
     async def ready(self, request: web.Request) -> web.Response:
         s = self.rt.scheduler
-        loaded = [m.id for m in s.models.values() if m.state in (State.READY, State.DRAINING)]
+        loaded = [m.id for m in s.loaded()]
         if self.rt.closing:
             return web.json_response({"status": "unavailable", "reason": "shutting down"}, status=503)
         if loaded:
@@ -287,12 +289,11 @@ class Api:
 
     async def router_models(self, request: web.Request) -> web.Response:
         if request.query.get("reload"):
-            from .config import ConfigError
-
-            try:
-                await self.rt.reload()
-            except ConfigError as e:
-                return error_response(f"reload failed, previous models kept: {e}", 400, "invalid_request")
+            err = await self.rt.reload()
+            if err is not None:
+                status, message = err
+                return error_response(f"reload failed, previous settings kept: {message}", status,
+                                      "invalid_request" if status == 400 else "internal_error")
             bus = getattr(self.rt, "router_events", None)
             if bus is not None:
                 bus.publish("*", "models_reload")
@@ -302,7 +303,7 @@ class Api:
     async def running(self, request: web.Request) -> web.Response:
         out = []
         for m in self._models():
-            if m.state.public != "loaded":
+            if not m.loaded:
                 continue
             st = model_status(self.rt, m)
             out.append({"id": m.id, "engine": m.entry.engine, "state": m.state.value,
@@ -332,6 +333,8 @@ class Api:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             return bad_request("request body is not valid JSON")
+        except RecursionError:
+            return bad_request("request body is nested too deeply")
         if not isinstance(body, dict):
             return bad_request("request body must be a JSON object")
         name = body.get("model")
@@ -364,18 +367,17 @@ class Api:
         body, m = target
         entry = m.entry
         wait = _flag(request, "wait")
-        if m.state == State.READY or (m.state.public == "loading" and not wait):
-            return bad_request(f"model '{entry.id}' is already running ({m.state.public})", "model")
-        await self.rt.prepare(entry)
-        task = asyncio.ensure_future(self.rt.scheduler.load(entry.id, reason="manual"))
-        await asyncio.sleep(0)  # let the scheduler admit or refuse it before answering
-        if task.done() or wait:
+        s = self.rt.scheduler
+        await s.prepare(entry)
+        # the scheduler decides (refusals known up front come back at once); no state read here
+        fut = s.start_load(entry.id, reason="manual", refuse_loaded=True, refuse_loading=not wait)
+        if fut.done() or wait:
             try:
-                await asyncio.shield(task)  # a client that stops waiting does not cancel the load
+                await asyncio.shield(fut)  # a client that stops waiting does not cancel the load
             except SchedulerError as e:
-                return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
+                return from_scheduler(e)
         else:
-            task.add_done_callback(_log_failure(entry.id))
+            fut.add_done_callback(_log_failure(entry.id))
         return web.json_response({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:
@@ -385,16 +387,15 @@ class Api:
             return target
         body, m = target
         entry = m.entry
-        if m.state == State.UNLOADED and not m.queue:
-            return bad_request(f"model '{entry.id}' is not running", "model")
         force = body.get("force") is True
-        if m.pinned and not force:
-            return bad_request(f"model '{entry.id}' is pinned; unload it with \"force\": true", "force")
-        task = asyncio.ensure_future(self.rt.scheduler.unload(entry.id, force=force, reason="manual"))
-        if _flag(request, "wait"):
-            await asyncio.shield(task)
+        fut = self.rt.scheduler.start_unload(entry.id, force=force, reason="manual", refuse_if_unloaded=True)
+        if fut.done() or _flag(request, "wait"):
+            try:
+                await asyncio.shield(fut)
+            except SchedulerError as e:
+                return from_scheduler(e)
         else:
-            task.add_done_callback(_log_failure(entry.id))
+            fut.add_done_callback(_log_failure(entry.id))
         return web.json_response({"success": True})
 
     # --------------------------------------------------------------------- metrics
@@ -442,14 +443,20 @@ class Api:
         await resp.prepare(request)
         last_sig = None
         last_sent = 0.0
+        last_rev = -1
+        s = self.rt.scheduler
         try:
             while not self.rt.closing:
-                doc = self.status_json()
-                sig = _signature(doc)
                 now = time.monotonic()
-                if sig != last_sig or now - last_sent >= 5.0:
-                    await resp.write(f"data: {json.dumps(doc, default=str)}\n\n".encode())
-                    last_sig, last_sent = sig, now
+                # nothing is read (probe, files) unless the scheduler's state changed or a
+                # heartbeat is due
+                if s.revision != last_rev or now - last_sent >= 5.0:
+                    last_rev = s.revision
+                    doc = self.status_json()
+                    sig = _signature(doc)
+                    if sig != last_sig or now - last_sent >= 5.0:
+                        await resp.write(f"data: {json.dumps(doc, default=str)}\n\n".encode())
+                        last_sig, last_sent = sig, now
                 await asyncio.sleep(0.25)
         except (ConnectionResetError, ConnectionError):
             pass  # the page went away
@@ -464,7 +471,7 @@ class Api:
 
 def _signature(doc: dict[str, Any]) -> str:
     """What makes a status document worth sending again (not the clock-driven numbers)."""
-    models = [{k: v for k, v in m["status"].items() if k not in ("idle_seconds",)} | {"id": m["id"]}
+    models = [{k: v for k, v in m["status"].items() if k not in ("idle_seconds", "last_used")} | {"id": m["id"]}
               for m in doc["models"]]
     return json.dumps([models, doc["ledger_bytes"], doc["ready"], doc["events"][:1]], default=str)
 

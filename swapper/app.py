@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -25,6 +26,7 @@ from .api import Api, make_middlewares
 from .backends.llamacpp import LLAMA_HTTP_THREADS
 from .catalog import Catalog, ModelEntry, build_catalog
 from .config import ConfigError, Settings, load_settings
+from .errors import JsonErrorRunner
 from .estimate import Estimate, Estimator, FootprintStore
 from .gpu import MemoryProbe, detect
 from .launcher import ProcessLauncher
@@ -102,38 +104,44 @@ class Runtime:
             return None
 
     async def prepare(self, entry: ModelEntry) -> None:
-        """Compute a model's estimate off the event loop (reading a big vocabulary takes a while)."""
-        m = self.scheduler.models.get(entry.id)
-        if m is not None and m.measured:
-            return  # the hot path: a model measured once needs no estimate again
-        if self.estimator.peek(entry) is None:
-            await asyncio.get_running_loop().run_in_executor(None, self.estimate_quietly, entry)
+        """Compute a model's estimate off the event loop (the scheduler's own step; kept here
+        for callers that prepare before acquiring)."""
+        await self.scheduler.prepare(entry)
 
-    def estimate_quietly(self, entry: ModelEntry) -> None:
-        try:
-            self.estimator.estimate(entry)
-        except Exception as e:
-            log.warning("cannot estimate %s: %s", entry.id, e)
+    async def reload(self) -> tuple[int, str] | None:
+        """Re-read settings (config file) and rescan models; the scheduler adopts the result.
 
-    async def reload(self) -> None:
-        """Re-read settings (config file) and rescan models; the scheduler adopts the result."""
+        A reload that fails keeps every previous setting and returns (status, message): 400 for
+        a bad config, 500 for anything else (the models directory cannot be read, ...)."""
+        st = self.settings
         if self.reload_settings is not None:
             try:
                 st = self.reload_settings()
             except ConfigError as e:
                 log.error("reload: %s (keeping the previous settings)", e)
-                return
-            self.settings.models = st.models
-            self.settings.models_dir = st.models_dir
-            self.settings.defaults = st.defaults
-            self.settings.models_preset = st.models_preset
+                return 400, str(e)
+            except Exception as e:
+                log.exception("reload failed (keeping the previous settings)")
+                return 500, f"{e.__class__.__name__}: {e}"
+        merged = dataclasses.replace(self.settings, models=st.models, models_dir=st.models_dir,
+                                     defaults=st.defaults, preload=st.preload,
+                                     models_preset=st.models_preset)
         try:
-            self.catalog = await asyncio.get_running_loop().run_in_executor(None, discover, self.settings)
+            catalog = await asyncio.get_running_loop().run_in_executor(None, discover, merged)
         except ConfigError as e:
-            log.error("reload: %s (keeping the previous models)", e)
-            raise
-        self.scheduler.set_catalog(self.catalog)
-        log.info("reloaded: %d models", len(self.catalog))
+            log.error("reload: %s (keeping the previous settings)", e)
+            return 400, str(e)
+        except Exception as e:
+            log.exception("reload failed (keeping the previous settings)")
+            return 500, f"{e.__class__.__name__}: {e}"
+        self.settings.models, self.settings.models_dir = st.models, st.models_dir
+        self.settings.defaults, self.settings.preload = st.defaults, st.preload
+        self.settings.models_preset = st.models_preset
+        self.catalog = catalog
+        eager = {r.entry.id for r in map(catalog.resolve, self.settings.preload) if r is not None}
+        self.scheduler.set_catalog(catalog, eager=eager)
+        log.info("reloaded: %d models", len(catalog))
+        return None
 
 
 def build_runtime(st: Settings, probe: MemoryProbe | None = None, launcher: Launcher | None = None,
@@ -284,9 +292,13 @@ def setup_logging(level: str, fmt: str) -> None:
 
 async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
     rt = build_runtime(st, reload_settings=reload_settings)
+    problem = capacity_problem(rt)
+    if problem:
+        log.error("%s", problem)
+        return 2
     atexit.register(getattr(rt.launcher, "kill_all", lambda: None))
     app = create_app(rt)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, st.listen.host, st.listen.port, backlog=1024, reuse_address=True)
     try:
@@ -302,7 +314,7 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_quietly(rt)))
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(rt.reload()))
     notify("READY=1", f"STATUS=serving {len(rt.catalog)} models")
     await stop.wait()
     log.info("shutting down: draining in-flight requests (up to %gs)", st.drain_timeout)
@@ -313,9 +325,29 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
     return 0
 
 
-async def _reload_quietly(rt: Runtime) -> None:
-    with contextlib.suppress(ConfigError):  # logged by reload; the old models stay
-        await rt.reload()
+def capacity_problem(rt: Runtime) -> str | None:
+    """A budget that can hold nothing is a configuration error, said in one line at start."""
+    from .units import format_bytes
+
+    s = rt.scheduler
+    where = (f"budget {rt.settings.budget} of {format_bytes(s.core.total)} with reserve "
+             f"{format_bytes(rt.settings.reserve)}")
+    if s.capacity <= 0:
+        return f"cannot serve: {where} leaves a capacity of 0 bytes; raise --budget or lower --reserve"
+    sizes = []
+    for e in rt.catalog:  # stops at the first model that fits: a big catalog costs one estimate
+        est = rt.estimate_or_none(e)
+        if est is None:
+            with contextlib.suppress(Exception):
+                est = rt.estimator.estimate(e)
+        if est is not None:
+            if est.bytes <= s.capacity:
+                return None
+            sizes.append(est.bytes)
+    if sizes:
+        return (f"cannot serve: {where} gives a capacity of {format_bytes(s.capacity)}, smaller than every "
+                f"model (the smallest needs {format_bytes(min(sizes))}); raise --budget or lower --reserve")
+    return None
 
 
 def _fmt(n: int) -> str:

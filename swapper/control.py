@@ -29,7 +29,7 @@ from aiohttp import web
 
 from . import process
 from .activity import Activity, ChildLogs, LogRing
-from .errors import bad_request, error_response
+from .errors import bad_request, error_response, from_scheduler
 from .scheduler import Model, SchedulerError
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ class Control:
         try:
             self.rt.scheduler.set_pinned(res.entry.id, pinned)
         except SchedulerError as e:
-            return error_response(e.message, e.status, e.code, retry_after=e.retry_after)
+            return from_scheduler(e)
         log.info("model %s %s", res.entry.id, "pinned" if pinned else "unpinned")
         return web.json_response({"success": True, "pinned": pinned})
 

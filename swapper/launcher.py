@@ -4,7 +4,8 @@ Implements the scheduler's `Launcher` protocol with a backend per engine (argv, 
 route, sleep/wake) and `ChildProcess` (spawn, health poll, stop). Each child gets a free
 loopback port and a private working directory under the state dir, removed when it stops or
 exits on its own. Backends with `serial_start` (vLLM: each cold start sizes its KV cache from
-the device's free memory) start one at a time per device.
+the device's free memory) are started one at a time: the scheduler decides that
+(`serial_start()` tells it which entries need it); the launcher itself holds no lock.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ class ChildInstance:
     def process_alive(self) -> bool:
         return self.process.returncode is None
 
+    async def wait_exit(self, timeout: float) -> bool:
+        """True once the child has exited (its keeper reaped), waiting at most `timeout`."""
+        try:
+            await asyncio.wait_for(self.process.exited.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
 
 class ProcessLauncher:
     def __init__(self, settings: Settings, probe: MemoryProbe, session_factory: Callable[[], aiohttp.ClientSession],
@@ -62,7 +71,6 @@ class ProcessLauncher:
         self.children: dict[str, ChildInstance] = {}
         self.prefetcher = prefetcher
         self.stop_grace = 10.0
-        self._start_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -80,26 +88,19 @@ class ProcessLauncher:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in entry.id)[:64]
         return tempfile.mkdtemp(prefix=f"{safe}-", dir=root)
 
-    def start_lock(self, backend: Backend) -> asyncio.Lock | None:
-        """The device's cold-start lock for engines that must not start side by side."""
-        if not backend.serial_start:
-            return None
-        key = f"{self.probe.kind}:{self.probe.index}"
-        lock = self._start_locks.get(key)
-        if lock is None:
-            lock = self._start_locks[key] = asyncio.Lock()
-        return lock
+    def serial_start(self, entry: ModelEntry) -> bool:
+        """Whether this entry's engine must not cold-start beside another start on the device."""
+        try:
+            return bool(self.backend(entry.engine).serial_start)
+        except Exception:
+            return False
 
     async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None]) -> ChildInstance:
         try:
             backend = self.backend(entry.engine)
         except Exception as e:  # unknown engine
             raise LoadError(str(e)) from e
-        lock = self.start_lock(backend)
-        if lock is None:
-            return await self._start(entry, backend, reserved, on_exit)
-        async with lock:
-            return await self._start(entry, backend, reserved, on_exit)
+        return await self._start(entry, backend, reserved, on_exit)
 
     async def _start(self, entry: ModelEntry, backend: Backend, reserved: int,
                      on_exit: Callable[[int | None], None]) -> ChildInstance:

@@ -130,7 +130,7 @@ class _SchedulerCollector:
             size = m.measured or _known_estimate(s, m)
             if size:
                 footprint.add_metric([m.id], size)
-            if m.state.public == "loaded":
+            if m.loaded:
                 n_res += 1
         resident.add_metric([], n_res)
         queued.add_metric([], n_queued)

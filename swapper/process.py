@@ -148,7 +148,9 @@ class ChildProcess:
     async def _wait(self) -> None:
         assert self.proc is not None
         code = await self.proc.wait()
-        if self._reader is not None:
+        if self._reader is not None and not self.healthy:
+            # a start that failed: its last lines say why, so let the reader catch up; a child
+            # that served is reported at once (no request may be sent to it meanwhile)
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
         self.returncode = code

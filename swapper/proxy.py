@@ -24,7 +24,7 @@ from aiohttp import web
 
 from .catalog import Resolution
 from .errors import bad_request, error_response, from_scheduler, not_found_model
-from .scheduler import SchedulerError
+from .scheduler import Lease, SchedulerError
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -187,6 +187,9 @@ class Proxy:
                 except (ValueError, UnicodeDecodeError) as e:
                     status = 400
                     return bad_request(f"request body is not valid JSON: {e}")
+                except RecursionError:
+                    status = 400
+                    return bad_request("request body is not valid JSON: nested too deeply")
                 if not isinstance(parsed, dict):
                     status = 400
                     return bad_request("request body must be a JSON object")
@@ -199,11 +202,12 @@ class Proxy:
                 return res
             label = res.entry.id
             resp = await self._forward(request, res, raw, body, t0)
-            status = resp.status
+            status = 502 if request.get("upstream_broken") else resp.status
             return resp
         except SchedulerError as e:
-            status = e.status
-            return from_scheduler(e)
+            resp = from_scheduler(e)
+            status = resp.status
+            return resp
         except asyncio.CancelledError:
             status = 499  # client closed the connection
             raise
@@ -229,7 +233,7 @@ class Proxy:
         if res is None:
             return not_found_model(name, self.rt.catalog.names())
         m = self.rt.scheduler.models.get(res.entry.id)
-        if m is None or m.instance is None or m.state.public != "loaded":
+        if m is None or m.instance is None or not m.loaded:
             return error_response(f"model '{res.entry.id}' is not loaded", 503, "model_not_loaded")
         try:
             async with self.rt.session.get(m.instance.base_url + "/metrics",
@@ -242,53 +246,70 @@ class Proxy:
 
     async def _forward(self, request: web.Request, res: Resolution, raw: bytes,
                        body: dict[str, Any] | None, t0: float) -> web.StreamResponse:
+        """Lease the model and send the request; a child that died before answering a byte
+        (connection refused, or reset before the status line) is not the client's problem: the
+        request waits for the reload like any cold request, a few times at most."""
+        autoload = autoload_of(request, self.rt.settings)
+        for _ in range(4):
+            t_queue = time.monotonic()
+            async with self.rt.scheduler.acquire(res.entry.id, res.adapter, autoload=autoload) as lease:
+                request["queue_wait"] = time.monotonic() - t_queue
+                if FAKE_TIMING:  # llama.cpp router's debug delay: the model counts as busy meanwhile
+                    await asyncio.sleep(2.0)
+                resp = await self._send(request, lease, res, raw, body, t0)
+            if resp is not None:
+                return resp
+        return error_response(f"model '{res.entry.id}' kept exiting before it answered", 502, "upstream_error")
+
+    async def _send(self, request: web.Request, lease: Lease, res: Resolution, raw: bytes,
+                    body: dict[str, Any] | None, t0: float) -> web.StreamResponse | None:
+        """One try on a leased child; None when the child is gone and the request may wait again."""
         rt = self.rt
-        entry = res.entry
+        entry, inst = lease.entry, lease.instance
         path = request.path
-        await rt.prepare(entry)
-        t_queue = time.monotonic()
-        async with rt.scheduler.acquire(entry.id, res.adapter, autoload=autoload_of(request, rt.settings)) as lease:
-            request["queue_wait"] = time.monotonic() - t_queue
-            if FAKE_TIMING:  # llama.cpp router's debug delay: the model counts as busy meanwhile
-                await asyncio.sleep(2.0)
-            inst = lease.instance
-            payload = raw
-            if body is not None:
-                new = inst.backend.rewrite(path, body, entry, res.adapter)
-                if new is not None:
-                    payload = json.dumps(new).encode()
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-            headers["X-Request-ID"] = request.get("request_id") or headers.get("X-Request-ID", "")
-            url = inst.base_url + path
-            if request.query_string:
-                url += "?" + request.query_string
-            if body is not None and body.get("stream") is True:
-                # llama-server drops the connection after a stream without saying so: never
-                # return such a connection to the pool
-                headers["Connection"] = "close"
-            # sock_connect, not connect: waiting for a pooled connection (many requests granted
-            # at once after a cold swap) is not a connect timeout
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=rt.settings.upstream_connect_timeout,
-                                            sock_read=rt.settings.upstream_read_timeout)
-            for attempt in (1, 2):
-                upstream_cm = rt.session.request(request.method, url, data=payload or None, headers=headers,
-                                                 timeout=timeout, allow_redirects=False)
-                try:
-                    upstream = await upstream_cm.__aenter__()
-                    break
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-                    # a pooled connection the child closed just as it was reused (llama-server
-                    # drops idle keep-alive connections after 5 s): once more on a fresh one
-                    if attempt == 1 and inst.process_alive():
-                        log.debug("model %s: retrying on a fresh connection after %r", entry.id, e)
-                        continue
-                    return _upstream_error(entry.id, e)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                    return _upstream_error(entry.id, e)
+        payload = raw
+        if body is not None:
+            new = inst.backend.rewrite(path, body, entry, res.adapter)
+            if new is not None:
+                payload = json.dumps(new).encode()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["X-Request-ID"] = request.get("request_id") or headers.get("X-Request-ID", "")
+        url = inst.base_url + path
+        if request.query_string:
+            url += "?" + request.query_string
+        if body is not None and body.get("stream") is True:
+            # llama-server drops the connection after a stream without saying so: never
+            # return such a connection to the pool
+            headers["Connection"] = "close"
+        # sock_connect, not connect: waiting for a pooled connection (many requests granted
+        # at once after a cold swap) is not a connect timeout
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=rt.settings.upstream_connect_timeout,
+                                        sock_read=rt.settings.upstream_read_timeout)
+        for attempt in (1, 2):
+            upstream_cm = rt.session.request(request.method, url, data=payload or None, headers=headers,
+                                             timeout=timeout, allow_redirects=False)
             try:
-                return await self._stream_back(request, upstream, entry.id, t0)
-            finally:
-                await upstream_cm.__aexit__(None, None, None)
+                upstream = await upstream_cm.__aenter__()
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # refused or reset before the status line: a child that died (wait for its exit
+                # to be known, then for the reload), or a pooled connection the child closed
+                # just as it was reused (llama-server drops idle keep-alive connections after
+                # 5 s): once more on a fresh one
+                if await rt.scheduler.child_gone(inst, timeout=2.0):
+                    log.info("model %s: child exited before answering; the request waits for the reload",
+                             entry.id)
+                    return None
+                if attempt == 1:
+                    log.debug("model %s: retrying on a fresh connection after %r", entry.id, e)
+                    continue
+                return _upstream_error(entry.id, e)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                return _upstream_error(entry.id, e)
+        try:
+            return await self._stream_back(request, upstream, entry.id, t0)
+        finally:
+            await upstream_cm.__aexit__(None, None, None)
 
     async def _stream_back(self, request: web.Request, upstream: aiohttp.ClientResponse, model: str,
                            t0: float) -> web.StreamResponse:
@@ -312,11 +333,14 @@ class Proxy:
                     sniff.feed(chunk)
                 await resp.write(chunk)
             await resp.write_eof()
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError) as e:
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                asyncio.TimeoutError) as e:
             log.warning("model %s: upstream broke off mid-response: %s", model, e)
             if not resp.prepared:
                 return error_response(f"model '{model}' closed the connection: {e}", 502, "upstream_error")
-            # headers are gone: the only honest signal left is an incomplete response
+            # headers are gone: the only honest signal left is an incomplete response (and
+            # metrics count it as the error it is, not as the 200 the client saw first)
+            request["upstream_broken"] = True
             request.transport.close() if request.transport else None
             return resp
         if sniff is not None:

@@ -164,7 +164,8 @@ def test_queue_full_and_queue_timeout_answers(swapper_factory, three_models, ope
 
 
 def test_a_model_larger_than_the_budget_is_refused_with_the_numbers(swapper_factory, three_models):
-    s = swapper_factory("--models-dir", str(three_models), "--budget", "100MiB", "--reserve", "0", "--device", "cpu")
+    link(synth_file(8, 1), three_models / "small.gguf")  # (a budget too small for every model stops at start)
+    s = swapper_factory("--models-dir", str(three_models), "--budget", "150MiB", "--reserve", "0", "--device", "cpu")
     r = complete(s, "m1")
     assert r.status == 503 and r.error_code() == "insufficient_memory"
     assert "MiB" in r.json()["error"]["message"]

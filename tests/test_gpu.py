@@ -175,8 +175,10 @@ def test_host_probe_uses_pss_for_multi_process_engines_so_shared_pages_count_onc
 
     procs = [subprocess.Popen([sys.executable, "-c", "import time, json, asyncio; time.sleep(30)"]) for _ in range(3)]
     try:
-        time.sleep(1.0)
         pids = [p.pid for p in procs]
+        end = time.monotonic() + 30  # until every interpreter has mapped libpython
+        while time.monotonic() < end and not all(psutil.Process(pid).memory_info().rss > 4 << 20 for pid in pids):
+            time.sleep(0.02)
         rss = sum(psutil.Process(pid).memory_info().rss for pid in pids)
         measured = HostProbe().process_bytes(pids)
         assert measured is not None and 0 < measured < rss, "three interpreters share libpython's pages"

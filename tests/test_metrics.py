@@ -98,6 +98,8 @@ def test_requests_tokens_swaps_and_gauges_move(swapper_factory, models_dir, open
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model=name, prompt="x", max_tokens=1)
     s.post("/v1/completions", raw=b"{broken", headers={"Content-Type": "application/json"})
+    s.wait_for(lambda: scrape(s).value("swapper_requests_total", model="unknown", code="400") == 1, 10,
+               "the bad requests to be counted")
     m = scrape(s)
     assert m.value("swapper_requests_total", model="unknown", code="404") == 2
     assert m.value("swapper_requests_total", model="unknown", code="400") == 1
@@ -124,12 +126,13 @@ def test_queue_gauges_count_requests_waiting_on_a_cold_swap(swapper_factory, mod
     for t in threads:
         t.start()
     s.wait_for(lambda: scrape(s).value("swapper_queue_depth", model="tiny-a") == 3, 20, "three waiters")
+    queued_at = time.monotonic()  # all three are waiting from here on, at the latest
     m = scrape(s)
     assert m.value("swapper_queued_requests") == 3, "the node-wide gauge includes cold-swap waiters"
     assert m.value("swapper_running_requests") == 1
     assert m.value("swapper_inflight_requests", model="gemma") == 1
     assert m.value("swapper_model_state", model="tiny-a", state="unloaded") == 1
-    time.sleep(0.5)
+    held = time.monotonic() - queued_at
     stream.close()  # gemma goes idle, is evicted, and tiny-a serves its queue
     for t in threads:
         t.join(60)
@@ -137,8 +140,9 @@ def test_queue_gauges_count_requests_waiting_on_a_cold_swap(swapper_factory, mod
     m = scrape(s)
     assert m.value("swapper_queued_requests") == 0
     assert m.value("swapper_queue_depth", model="tiny-a") == 0
-    assert m.value("swapper_queue_wait_seconds_count", model="tiny-a") == 3
-    assert m.value("swapper_queue_wait_seconds_sum", model="tiny-a") > 3 * 0.5
+    s.wait_for(lambda: scrape(s).value("swapper_queue_wait_seconds_count", model="tiny-a") == 3, 10, "3 waits")
+    m = scrape(s)
+    assert m.value("swapper_queue_wait_seconds_sum", model="tiny-a") >= 3 * held > 0, "each waited at least that"
     assert m.value("swapper_swaps_total", model="gemma", action="evict", reason="budget") == 1
 
 

@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from schedfakes import MiB, World, world
-from swapper.scheduler import (Candidate, InsufficientMemory, LoadFailed, QueueFull, QueueTimeout, ShuttingDown,
-                               State, plan_eviction)
+from swapper.errors import scheduler_status
+from swapper.scheduler import (Candidate, InsufficientMemory, LoadFailed, Pinned, QueueFull, QueueTimeout,
+                               ShuttingDown, State, plan_eviction)
 
 
 async def request(w: World, name: str, log: list[str] | None = None) -> None:
@@ -94,7 +95,7 @@ async def test_model_larger_than_the_whole_budget_is_refused_at_once():
     w = world({"huge": 2000 * MiB}, capacity=1000 * MiB)
     with pytest.raises(InsufficientMemory) as e:
         await request(w, "huge")
-    assert "budget" in e.value.message and e.value.status == 503
+    assert "budget" in e.value.message and scheduler_status(e.value) == 503
     assert w.launcher.starts == []
 
 
@@ -228,8 +229,10 @@ async def test_full_queue_answers_queue_full_with_retry_after():
 
 
 async def test_waiting_longer_than_the_queue_timeout_is_a_504():
-    w = world({"a": 100 * MiB}, capacity=1000 * MiB, auto=False, queue_timeout=30.0)
-    t = asyncio.ensure_future(request(w, "a"))
+    w = world({"a": 600 * MiB, "busy": 600 * MiB}, capacity=1000 * MiB, queue_timeout=30.0, max_wait=999)
+    h = Holder(w, "busy")
+    await h.granted.wait()
+    t = asyncio.ensure_future(request(w, "a"))  # waits for room: busy is never evicted
     await w.spin()
     w.clock.advance(29)
     w.sched.tick()
@@ -238,7 +241,9 @@ async def test_waiting_longer_than_the_queue_timeout_is_a_504():
     w.sched.tick()
     with pytest.raises(QueueTimeout) as e:
         await t
-    assert e.value.status == 504
+    assert scheduler_status(e.value) == 504
+    h.release.set()
+    await h.task
 
 
 async def test_a_waiter_whose_client_left_starts_no_load_and_evicts_nothing():
@@ -394,7 +399,7 @@ async def test_unload_drains_in_flight_requests_first():
 async def test_pinned_model_needs_force_to_unload():
     w = world({"p": 100 * MiB}, capacity=1000 * MiB, pinned={"p"})
     await w.sched.load("p")
-    with pytest.raises(PermissionError):
+    with pytest.raises(Pinned):
         await w.sched.unload("p")
     await w.sched.unload("p", force=True)
     assert w.state("p") == "unloaded"

@@ -1,0 +1,254 @@
+"""The effects runner: carries out what the decision core asks and reports back as events.
+
+Effects become tasks that call the launcher (start, stop, sleep, wake), results for the
+futures requests wait on (grant, fail, done), footprints learned and swap events reported.
+Outcomes return to the core as events, queued so the core is never re-entered. This is also
+the one place the probe is read for decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from ..catalog import Adapter, ModelEntry
+from ..estimate import Estimator
+from ..gpu import MemoryProbe
+from . import events as E
+from .core import Core
+from .errors import LoadError
+from .ledger import Reading
+from .lifecycle import Instance, Model
+
+log = logging.getLogger("swapper.scheduler")
+
+
+class Launcher(Protocol):
+    """The edge that turns decisions into processes."""
+
+    async def start(self, entry: ModelEntry, reserved: int,
+                    on_exit: Callable[[int | None], None]) -> Instance: ...
+
+    async def stop(self, instance: Instance, entry: ModelEntry) -> None: ...
+
+    def can_sleep(self, entry: ModelEntry) -> bool: ...
+
+    async def sleep(self, instance: Instance, entry: ModelEntry) -> None: ...
+
+    async def wake(self, instance: Instance, entry: ModelEntry) -> None: ...
+
+    def prefetch(self, entry: ModelEntry) -> None: ...
+
+
+@dataclass
+class SwapEvent:
+    time: float  # wall clock
+    model: str
+    action: str  # load | evict | sleep | wake | unload | fail | exit
+    reason: str  # demand | manual | preload | budget | ttl | drain | shutdown | reload | removed | crash
+    bytes: int = 0
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class Lease:
+    """A granted request: the child to send it to."""
+
+    model: Model
+    instance: Instance
+    adapter: Adapter | None = None
+
+    @property
+    def entry(self) -> ModelEntry:
+        return self.model.entry
+
+
+class EffectsRunner:
+    """The edge half of `Scheduler`."""
+
+    core: Core
+    probe: MemoryProbe
+    launcher: Launcher
+    estimator: Estimator
+    clock: Callable[[], float]
+    wall: Callable[[], float]
+    events: deque[SwapEvent]
+    listeners: list[Callable[[SwapEvent], None]]
+    grant_listeners: list[Callable[[str, float], None]]
+    _futures: dict[int, asyncio.Future]
+    _tasks: set[asyncio.Task]
+    _starts: set[asyncio.Task]
+    _inbox: deque[E.Event]
+    _feeding: bool
+    _read_at: float
+
+    def feed(self, ev: E.Event) -> None:
+        """Hand one event to the core and carry out its effects; events that effects raise
+        meanwhile are queued and handled in order (the core is never re-entered)."""
+        self._inbox.append(ev)
+        if self._feeding:
+            return
+        self._feeding = True
+        try:
+            while self._inbox:
+                for eff in self.core.handle(self._inbox.popleft()):
+                    try:
+                        self._do(eff)
+                    except Exception:
+                        log.exception("scheduler effect %r failed", eff)
+        finally:
+            self._feeding = False
+
+    def _do(self, eff: E.Effect) -> None:
+        if isinstance(eff, E.Grant):
+            fut = self._futures.pop(eff.waiter, None)
+            if fut is None or fut.done():
+                if eff.counts:
+                    self.feed(E.Released(eff.model))  # nobody there to take the slot
+                return
+            fut.set_result(eff.instance)
+            if eff.counts:
+                for fn in self.grant_listeners:
+                    fn(eff.model, eff.waited)
+        elif isinstance(eff, E.Fail):
+            fut = self._futures.pop(eff.waiter, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(eff.error)
+        elif isinstance(eff, E.Done):
+            fut = self._futures.pop(eff.waiter, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif isinstance(eff, E.Start):
+            self._spawn(self._start(eff), start=True)
+        elif isinstance(eff, E.Stop):
+            self._spawn(self._stop(eff))
+        elif isinstance(eff, E.Wake):
+            self._spawn(self._wake(eff), start=True)
+        elif isinstance(eff, E.Measure):
+            self.feed(E.Measured(eff.model, eff.instance, self._process_bytes(eff.instance)))
+        elif isinstance(eff, E.Learn):
+            self.estimator.learn(eff.entry, eff.bytes)
+        elif isinstance(eff, E.Prefetch):
+            self.launcher.prefetch(eff.entry)
+        elif isinstance(eff, E.Report):
+            self._report(eff)
+        elif isinstance(eff, E.CancelStarts):
+            for t in list(self._starts):
+                t.cancel()
+
+    async def _start(self, eff: E.Start) -> None:
+        t0 = self.clock()
+        child: dict[str, Instance] = {}
+
+        def on_exit(code: int | None) -> None:
+            self.feed(E.Exited(eff.model, child.get("instance"), code))  # type: ignore[arg-type]
+
+        before = self._device_used() if eff.measure_device else None
+        try:
+            inst = await self.launcher.start(eff.entry, eff.reserved, on_exit)
+        except asyncio.CancelledError:
+            self.feed(E.LoadFailedEvent(eff.model, LoadError("cancelled: swapper is shutting down"), 0.0))
+            raise
+        except LoadError as e:
+            self.feed(E.LoadFailedEvent(eff.model, e, self.clock() - t0))
+            return
+        except Exception as e:  # a bug in the launcher must not wedge the model
+            log.exception("starting %s failed", eff.model)
+            self.feed(E.LoadFailedEvent(eff.model, LoadError(str(e)), self.clock() - t0))
+            return
+        child["instance"] = inst
+        reading = self._read()
+        delta = reading.used - before if reading is not None and before is not None else None
+        self.feed(E.Loaded(eff.model, inst, self.clock() - t0, self._process_bytes(inst), delta, reading))
+
+    async def _stop(self, eff: E.Stop) -> None:
+        t0 = self.clock()
+        slept = False
+        if eff.sleep and eff.instance is not None:
+            try:
+                await self.launcher.sleep(eff.instance, eff.entry)
+                slept = True
+            except Exception as e:
+                log.warning("sleeping %s failed (%s); stopping it instead", eff.model, e)
+        if not slept and eff.instance is not None:
+            try:
+                await self.launcher.stop(eff.instance, eff.entry)
+            except Exception:
+                log.exception("stopping %s failed", eff.model)
+        self.feed(E.Stopped(eff.model, slept, self.clock() - t0, self._read()))
+
+    async def _wake(self, eff: E.Wake) -> None:
+        t0 = self.clock()
+        try:
+            await self.launcher.wake(eff.instance, eff.entry)
+        except Exception as e:
+            log.error("waking %s failed: %s; stopping it", eff.model, e)
+            with contextlib.suppress(Exception):
+                await self.launcher.stop(eff.instance, eff.entry)
+            self.feed(E.LoadFailedEvent(eff.model, LoadError(f"wake failed: {e}"), self.clock() - t0))
+            return
+        self.feed(E.Woke(eff.model, self.clock() - t0, self._process_bytes(eff.instance), self._read()))
+
+    def _spawn(self, coro: Any, start: bool = False) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        if start:
+            self._starts.add(t)
+            t.add_done_callback(self._starts.discard)
+
+    def _report(self, r: E.Report) -> None:
+        ev = SwapEvent(self.wall(), r.model, r.action, r.reason, r.bytes, r.seconds, r.detail)
+        self.events.append(ev)
+        for fn in list(self.listeners):
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("swap event listener failed")
+
+    # ------------------------------------------------------------------ the probe
+
+    def _read(self) -> Reading | None:
+        try:
+            mem = self.probe.memory()
+        except Exception as e:
+            log.warning("memory probe failed: %s", e)
+            return None
+        self._read_at = time.monotonic()
+        return Reading(mem.total, mem.used, mem.free)
+
+    def _refresh(self, min_age: float) -> None:
+        if time.monotonic() - self._read_at >= min_age:
+            reading = self._read()
+            if reading is not None:
+                self.feed(E.Tick(reading))
+
+    def _device_used(self) -> int | None:
+        reading = self._read()
+        return reading.used if reading else None
+
+    def _process_bytes(self, inst: Instance) -> int | None:
+        try:
+            return self.probe.process_bytes(inst.pids())
+        except Exception as e:
+            log.debug("per-process memory unavailable: %s", e)
+            return None
+
+    def _can_sleep(self, entry: ModelEntry) -> bool:
+        try:
+            return bool(self.launcher.can_sleep(entry))
+        except Exception:
+            return False
+
+    def _serial_start(self, entry: ModelEntry) -> bool:
+        fn = getattr(self.launcher, "serial_start", None)
+        try:
+            return bool(fn(entry)) if fn is not None else False
+        except Exception:
+            return False

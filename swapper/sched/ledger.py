@@ -1,0 +1,63 @@
+"""The budget ledger: capacity, what is reserved, and the room a load may use. Pure numbers.
+
+Capacity is min(budget, device total - reserve): the reserve protects the device, not the
+budget, so `--budget 450MiB` plans with 450 MiB. Room is the smaller of what the ledger leaves
+and what the latest probe reading shows free (other processes use the device too), minus what
+starting children will take that the reading does not show yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..units import SizeSpec
+from .lifecycle import COUNTS_RESIDENT, Model, State
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One probe reading of the device, taken by the effects runner."""
+
+    total: int
+    used: int
+    free: int
+
+
+def capacity(budget: SizeSpec, reserve: int, total: int) -> int:
+    """Bytes the ledger may plan with."""
+    if total <= 0:  # device size unknown: an absolute budget is all there is to go on
+        return max(0, budget.resolve(0))
+    return max(0, min(budget.resolve(total), total - reserve))
+
+
+def used(models: Iterable[Model], exclude: Model | None = None) -> int:
+    return sum(m.reserved for m in models if m.holds_device and m is not exclude)
+
+
+def host_used(models: Iterable[Model]) -> int:
+    return sum(m.host_reserved for m in models if m.state == State.SLEEPING)
+
+
+def resident_count(models: Iterable[Model], exclude: Model | None = None) -> int:
+    return sum(1 for m in models if m.state in COUNTS_RESIDENT and m is not exclude)
+
+
+def unreflected(m: Model, pid_visible: bool | None) -> int:
+    """Bytes a starting model will take that the latest reading does not show yet."""
+    if m.state == State.AWAITING_ROOM:
+        return m.reserved
+    if pid_visible and m.instance is not None:
+        return max(0, m.reserved - m.seen_bytes)
+    return m.reserved
+
+
+def room(models: list[Model], cap: int, reading: Reading | None, reserve: int,
+         pid_visible: bool | None, exclude: Model | None = None) -> int:
+    """Free bytes for a load: the smaller of what the ledger and the reading allow."""
+    ledger_free = cap - used(models, exclude)
+    if reading is None:
+        return ledger_free
+    pending = sum(unreflected(m, pid_visible) for m in models
+                  if m is not exclude and m.state in (State.AWAITING_ROOM, State.LOADING, State.WAKING))
+    return min(ledger_free, reading.free - reserve - pending)

@@ -1,0 +1,273 @@
+"""`Scheduler`: the object the rest of swapper talks to — commands in, leases out, one view.
+
+Requests and commands become events for the decision core (`core.py`); `effects.py` carries
+out what it decides. The probe is read at the edge only: on ticks while something waits or
+starts, before a cold request is admitted, and after every start and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from typing import AsyncIterator, Callable, Iterable
+
+from ..catalog import Adapter, Catalog, ModelEntry
+from ..estimate import Estimator
+from ..gpu import MemoryProbe
+from . import events as E
+from . import ledger
+from .core import Core
+from .settings import SchedulerConfig
+from .effects import EffectsRunner, Launcher, Lease, SwapEvent
+from .errors import ShuttingDown, UnknownModel
+from .lifecycle import STARTING, Instance, Model, State
+
+log = logging.getLogger("swapper.scheduler")
+
+
+class Scheduler(EffectsRunner):
+    """One owner of model state: commands in, leases out; decisions in `Core`."""
+
+    def __init__(self, catalog: Catalog, probe: MemoryProbe, launcher: Launcher, estimator: Estimator,
+                 config: SchedulerConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.cfg = config or SchedulerConfig()
+        self.probe = probe
+        self.launcher = launcher
+        self.estimator = estimator
+        self.clock = clock
+        self.wall = wall
+        self.events: deque[SwapEvent] = deque(maxlen=200)
+        self.listeners: list[Callable[[SwapEvent], None]] = []
+        self.grant_listeners: list[Callable[[str, float], None]] = []  # (model, seconds waited)
+        self._futures: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+        self._starts: set[asyncio.Task] = set()
+        self._inbox: deque[E.Event] = deque()
+        self._feeding = False
+        self._read_at = float("-inf")
+        reading = self._read()
+        host_total = reading.total if reading and probe.kind == "host" else _host_total()
+        self.core = Core(self.cfg, clock, reading, host_capacity=self.cfg.host_budget.resolve(host_total),
+                         pid_visible=True if probe.kind == "host" else None,
+                         can_sleep=self._can_sleep, serial_start=self._serial_start)
+        self.catalog = catalog
+        self.feed(E.CatalogChanged(list(catalog)))
+
+    # ------------------------------------------------------------------ the read-only view
+
+    @property
+    def models(self) -> dict[str, Model]:
+        return self.core.models
+
+    @property
+    def capacity(self) -> int:
+        return self.core.capacity
+
+    @property
+    def host_capacity(self) -> int:
+        return self.core.host_capacity
+
+    @property
+    def closing(self) -> bool:
+        return self.core.closing
+
+    @property
+    def pid_visible(self) -> bool | None:
+        return self.core.pid_visible
+
+    @property
+    def revision(self) -> int:
+        """Changes whenever a model's state, pin or the catalog changes (not on every request)."""
+        return self.core.revision
+
+    @property
+    def ready(self) -> bool:
+        return any(m.loaded for m in self.models.values())
+
+    def loaded(self) -> list[Model]:
+        """The models that serve now: READY or DRAINING (`status.value == "loaded"`)."""
+        return [m for m in self.models.values() if m.loaded]
+
+    def ledger_used(self, exclude: Model | None = None) -> int:
+        return ledger.used(self.models.values(), exclude)
+
+    def host_used(self) -> int:
+        return ledger.host_used(self.models.values())
+
+    def room(self, exclude: Model | None = None) -> int:
+        return self.core.room(exclude)
+
+    def need(self, m: Model) -> int:
+        return m.need
+
+    # ------------------------------------------------------------------ requests
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, model_id: str, adapter: Adapter | None = None, *,
+                      autoload: bool = True) -> AsyncIterator[Lease]:
+        """Wait until the model is resident and hold an in-flight slot on it."""
+        m = self._model(model_id)
+        await self.prepare(m.entry)
+        wid, fut = self._waiter()
+        self._arrive(E.Arrived(wid, model_id, self._estimate(m), autoload=autoload))
+        try:
+            instance = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.feed(E.Released(model_id))  # granted in the instant the client left
+            else:
+                self.feed(E.Left(wid, model_id))
+            raise
+        try:
+            yield Lease(m, instance, adapter)
+        finally:
+            self.feed(E.Released(model_id))
+
+    async def prepare(self, entry: ModelEntry) -> None:
+        """Compute a model's estimate off the event loop (reading a big vocabulary takes a while)."""
+        m = self.models.get(entry.id)
+        if m is not None and m.measured:
+            return
+        with contextlib.suppress(Exception):
+            if self.estimator.peek(entry) is None:
+                await asyncio.get_running_loop().run_in_executor(None, self._estimate_entry, entry)
+
+    def start_load(self, model_id: str, reason: str = "manual", *, refuse_loaded: bool = False,
+                   refuse_loading: bool = False) -> asyncio.Future:
+        """Ask for a model to be resident; the future resolves when it is (refusals at once)."""
+        return self._start_load(model_id, reason, refuse_loaded, refuse_loading)[1]
+
+    def _start_load(self, model_id: str, reason: str, refuse_loaded: bool = False,
+                    refuse_loading: bool = False) -> tuple[int, asyncio.Future]:
+        m = self._model(model_id)
+        wid, fut = self._waiter()
+        fut.add_done_callback(_retrieve)
+        self._arrive(E.Arrived(wid, model_id, self._estimate(m), counts=False, bounded=False, reason=reason,
+                               refuse_loaded=refuse_loaded, refuse_loading=refuse_loading))
+        return wid, fut
+
+    async def load(self, model_id: str, reason: str = "manual") -> None:
+        """Make a model resident without a request (admin load, preload, pins)."""
+        await self.prepare(self._model(model_id).entry)
+        wid, fut = self._start_load(model_id, reason)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not fut.done():
+                self.feed(E.Left(wid, model_id))
+            raise
+
+    def start_unload(self, model_id: str, force: bool = False, reason: str = "manual", *,
+                     refuse_if_unloaded: bool = False) -> asyncio.Future:
+        m = self._model(model_id)
+        wid, fut = self._waiter()
+        self.feed(E.Unload(wid, m.id, force, reason, refuse_if_unloaded))
+        fut.add_done_callback(_retrieve)
+        return fut
+
+    async def unload(self, model_id: str, force: bool = False, reason: str = "manual") -> None:
+        """Drain in-flight requests, then stop (queued waiters of the model are failed)."""
+        await asyncio.shield(self.start_unload(model_id, force, reason))
+
+    def set_pinned(self, model_id: str, pinned: bool) -> None:
+        """A pinned model is never evicted (nor TTL-unloaded); unpinned, it is evictable again."""
+        self._model(model_id)
+        self.feed(E.SetPinned(model_id, pinned))
+
+    def set_catalog(self, catalog: Catalog, eager: Iterable[str] = ()) -> None:
+        """Adopt a new catalog (reload): changed resident models restart, removed ones drain."""
+        self.catalog = catalog
+        self.feed(E.CatalogChanged(list(catalog), frozenset(eager)))
+
+    async def child_gone(self, instance: Instance, timeout: float = 3.0) -> bool:
+        """A granted child refused or reset a connection: wait (briefly) for its exit to be known.
+
+        True once the scheduler knows the child is gone (the request can wait for the reload);
+        False if it is still alive (a broken connection, not a dead child)."""
+        wait = getattr(instance, "wait_exit", None)
+        if wait is None:
+            return not getattr(instance, "alive", True)
+        return bool(await wait(timeout))
+
+    def _model(self, model_id: str) -> Model:
+        if self.closing:
+            raise ShuttingDown("swapper is shutting down")
+        m = self.models.get(model_id)
+        if m is None or m.removed:
+            raise UnknownModel(f"model '{model_id}' not found; known models: {', '.join(self.catalog.names())}")
+        return m
+
+    def _waiter(self) -> tuple[int, asyncio.Future]:
+        wid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._futures[wid] = fut
+        return wid, fut
+
+    def _estimate(self, m: Model) -> int:
+        if m.measured:
+            return m.measured
+        try:
+            return self.estimator.estimate(m.entry).bytes
+        except Exception as e:
+            log.warning("cannot estimate %s: %s", m.id, e)
+            return m.entry.size
+
+    def _estimate_entry(self, entry: ModelEntry) -> None:
+        try:
+            self.estimator.estimate(entry)
+        except Exception as e:
+            log.warning("cannot estimate %s: %s", entry.id, e)
+
+    def _arrive(self, ev: E.Arrived) -> None:
+        m = self.models.get(ev.model)
+        if m is not None and not m.loaded:  # a cold request decides with a fresh reading
+            self._refresh(min_age=0.0)
+        self.feed(ev)
+
+    # ------------------------------------------------------------------ time and shutdown
+
+    def tick(self) -> None:
+        """Time-based rules; the probe is read only while something waits or starts."""
+        busy = any(m.queue or m.state in STARTING or m.state == State.AWAITING_ROOM for m in self.models.values())
+        reading = self._read() if busy else None
+        seen: dict[str, int] = {}
+        if busy and self.pid_visible:
+            for m in self.models.values():
+                if m.state in STARTING and m.instance is not None:
+                    with contextlib.suppress(Exception):
+                        seen[m.id] = self.probe.process_bytes(m.instance.pids()) or 0
+        self.feed(E.Tick(reading, seen))
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop taking work, fail waiters, let in-flight requests finish, stop every child."""
+        timeout = self.cfg.drain_timeout if drain_timeout is None else drain_timeout
+        self.feed(E.Shutdown(timeout))
+        deadline = time.monotonic() + timeout + 1.0
+        while any(m.state == State.DRAINING for m in self.models.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            self.tick()
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until no effect is running (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+
+def _retrieve(f: asyncio.Future) -> None:
+    """Mark a command's failure as seen: nobody may be awaiting a background load."""
+    if not f.cancelled():
+        f.exception()
+
+
+def _host_total() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
