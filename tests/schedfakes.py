@@ -61,7 +61,8 @@ class FakeLauncher:
     exits: dict[str, Callable[[int | None], None]] = field(default_factory=dict)
     instances: dict[str, FakeInstance] = field(default_factory=dict)
 
-    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None]) -> FakeInstance:
+    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None], *,
+                    placement: dict[str, float] | None = None) -> FakeInstance:
         self.starts.append(entry.id)
         if not self.auto:
             gate = self.gates[entry.id] = asyncio.get_running_loop().create_future()
