@@ -142,10 +142,10 @@ def _models(ns: argparse.Namespace) -> int:
     catalog = discover(st)
     kind = "host"
     if not ns.no_estimate:
-        from .gpu import detect
+        from .device_set import detect_all
 
         try:
-            kind = detect(st.device).kind
+            kind = detect_all(st.device)[0].kind
         except Exception:
             kind = "host"
     est = Estimator(FootprintStore(st.state_path / "footprints.json"), kind)
@@ -182,7 +182,8 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def _gpu(ns: argparse.Namespace) -> int:
-    from .gpu import all_probes, detect
+    from .device_set import detect_all
+    from .gpu import all_probes, probe_id
 
     out = []
     for p in all_probes():
@@ -193,15 +194,16 @@ def _gpu(ns: argparse.Namespace) -> int:
                         "free": mem.free, "offload": p.offload, "processes": procs})
         except Exception as e:
             out.append({"kind": p.kind, "index": p.index, "name": p.name, "error": str(e)})
+    planned: list[str] = []
     try:
-        chosen = detect(ns.device)
-        selected = f"{chosen.kind}:{chosen.index}"
+        planned = [probe_id(p) for p in detect_all(ns.device)]
+        selected = ", ".join(planned)
     except Exception as e:
         selected = f"error: {e}"
     if ns.json:
-        print(json.dumps({"selected": selected, "devices": out}, indent=2))
+        print(json.dumps({"selected": selected, "planned": planned, "devices": out}, indent=2))
         return 0
-    print(f"device used by 'swapper serve --device {ns.device}': {selected}")
+    print(f"devices planned by 'swapper serve --device {ns.device}': {selected}")
     rows = [[f"{d['kind']}:{d['index']}", d["name"], format_bytes(d.get("total", 0)), format_bytes(d.get("used", 0)),
              format_bytes(d.get("free", 0)), str(len(d.get("processes", []))) if "error" not in d else d["error"]]
             for d in out]

@@ -117,3 +117,42 @@ def test_fake_probe_ids_name_each_device():
     from swapper.gpu import probe_id
 
     assert probe_id(FakeProbe(index=3)) == "fake:3"
+
+
+async def test_status_models_and_metrics_are_labelled_per_device(tmp_path):
+    """The HTTP layer in process (fake children) over two fake devices: a model pinned to the
+    second device is listed, measured and scraped there."""
+    from aiohttp.test_utils import TestClient
+
+    from httpfakes import FakeLauncher, JsonErrorTestServer, app_for, make_models
+    from swapper.app import build_runtime
+    from swapper.config import DeviceSpec, ModelSpec, Settings
+    from swapper.units import SizeSpec
+
+    models = make_models(tmp_path / "models")
+    st = Settings(models_dir=str(models), state_dir=str(tmp_path / "state"), budget=SizeSpec(bytes=GiB), reserve=0,
+                  devices={"fake:1": DeviceSpec(budget=SizeSpec(bytes=512 << 20))},
+                  models={"p": ModelSpec(name="p", path=str(models / "b.gguf"), device="fake:1")})
+    probes = [FakeProbe(total=8 * GiB, index=0), FakeProbe(total=8 * GiB, index=1)]
+    rt = build_runtime(st, probe=probes, launcher=FakeLauncher())
+    client = TestClient(JsonErrorTestServer(app_for(rt)))
+    await client.start_server()
+    try:
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        for model in ("p", "a"):
+            r = await client.post("/v1/chat/completions", json={"model": model, **chat})
+            assert r.status == 200, await r.text()
+        listed = {m["id"]: m for m in (await (await client.get("/models")).json())["data"]}
+        assert list(listed["p"]["devices"]) == ["fake:1"] and listed["p"]["devices"]["fake:1"] > 0
+        assert list(listed["a"]["devices"]) == ["fake:1"], "best fit: the smaller device still has room"
+        status = await (await client.get("/api/status")).json()
+        devs = {d["id"]: d for d in status["devices"]}
+        assert devs["fake:1"]["capacity_bytes"] == 512 << 20 and devs["fake:0"]["capacity_bytes"] == GiB
+        assert set(devs["fake:1"]["models"]) == {"p", "a"} and devs["fake:0"]["models"] == {}
+        assert status["capacity_bytes"] == GiB + (512 << 20), "the node's total stays where it was"
+        text = await (await client.get("/metrics")).text()
+        assert 'swapper_capacity_bytes{device="fake:1"} 5.36870912e+08' in text
+        assert 'swapper_capacity_bytes{device="fake:0"}' in text
+        assert 'swapper_model_device_bytes{device="fake:1",model="p"}' in text
+    finally:
+        await client.close()

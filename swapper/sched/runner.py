@@ -109,12 +109,18 @@ class Scheduler(EffectsRunner):
     def ledger_used(self, exclude: Model | None = None) -> int:
         return ledger.used(self.models.values(), exclude)
 
+    def placement_of(self, m: Model) -> dict[str, int]:
+        """Bytes `m` holds (or has claimed) on each of its devices; empty when it holds none."""
+        if not m.holds_device:
+            return {}
+        return {d: self.core.share(m, d) for d in self.core.devices_of(m)}
+
     def device_view(self) -> list[dict]:
         """Per device: capacity, ledger and the models on it (status, metrics, `/models`)."""
         core = self.core
         out = []
         for did, d in core.devices.items():
-            on = {m.id: core.share(m, did) for m in self.models.values() if m.holds_device and core.share(m, did)}
+            on = {m.id: b for m in self.models.values() if (b := self.placement_of(m).get(did))}
             out.append({"id": did, "index": d.index, "uuid": d.uuid, "name": getattr(self.probes.get(did), "name", did),
                         "capacity": d.capacity, "ledger": core.used_on(did), "total": d.total,
                         "reading": d.reading, "models": on})
