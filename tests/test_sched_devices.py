@@ -179,9 +179,12 @@ def test_a_model_larger_than_any_device_is_split_and_evicts_on_both():
     shares = {d: node.core.share(node.core.models["huge"], d) for d in start.placement}
     assert sum(shares.values()) == 31 * GiB, "the overhead is paid on every device the child touches"
     assert all(s <= 20 * GiB for s in shares.values())
-    node.loaded("huge")
+    effs = node.loaded("huge")  # the probe shows 31 GiB over both devices
     assert node.used("gpu:0") <= 20 * GiB and node.used("gpu:1") <= 20 * GiB
     assert node.state("s2") == State.READY, "the third device was left alone"
+    # remembered as one device's worth (the next split adds each device's overhead again)
+    assert [e.bytes for e in effs if isinstance(e, E.Learn)] == [30 * GiB]
+    assert node.core.models["huge"].reserved == 31 * GiB
 
 
 def test_a_layer_split_uses_each_devices_room_in_proportion():

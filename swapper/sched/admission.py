@@ -6,9 +6,12 @@ allows and runs after each event. The rules (README, "Scheduling"):
 - queued models are considered oldest-waiter first; one that fits starts, one that does not
   claims idle least-recently-used victims (AWAITING_ROOM) and starts once they are stopped
   and the probe shows the memory free;
-- a model queued behind a blocked one starts only if it evicts nothing, and only until the
-  blocked one has waited `max_wait`; after that, busy victims are drained for it;
-- loads are serial while the driver hides per-process memory, and for serial-start engines.
+- a model queued behind a blocked one starts only if it evicts nothing on the blocked one's
+  devices, and only until the blocked one has waited `max_wait`; after that, busy victims on its
+  devices are drained for it (other devices go on as before: blocking is per device);
+- where a model goes (one device, or several for a split) is `placement.py`'s rule;
+- loads are serial (per device) while the driver hides per-process memory, and for serial-start
+  engines.
 """
 
 from __future__ import annotations
@@ -121,13 +124,15 @@ class Admission:
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self: Core, m: Model, now: float, closed: set[str] = frozenset(),  # type: ignore[assignment]
-              no_evict: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
-        """Start `m` where placement puts it (claiming idle victims there). True if decided."""
+    def admit(self: Core, m: Model, now: float, closed: set[str] | None = None,
+              no_evict: set[str] | None = None) -> bool:
+        """Start `m` where placement puts it (claiming idle victims there). True if decided.
+
+        `closed`: devices it may not use now; `no_evict`: devices where it may not evict."""
         if not self.fits_ever(m):
             self.fail_queue(m, self.too_big(m))
             return True
-        plan = self.place(m, set(closed) | self.serial_closed(m), set(no_evict))
+        plan = self.place(m, (closed or set()) | self.serial_closed(m), no_evict or set())
         if plan is None:
             return False
         if not plan.victims:
@@ -174,11 +179,11 @@ class Admission:
             if x.victim_of == m.id and x.state == State.DRAINING and x.stop_reason == "budget":
                 self.to(x, State.READY)  # its drain was only for m
 
-    def drain_for(self: Core, m: Model, now: float, closed: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def drain_for(self: Core, m: Model, now: float, closed: set[str] | None = None) -> None:
         """`m` has waited past max_wait: drain busy models (LRU) on its devices so it loads next."""
         if any(x.victim_of == m.id for x in self.models.values()):
             return
-        plan = self.place(m, set(closed) | self.serial_closed(m), set(), include_busy=True)
+        plan = self.place(m, (closed or set()) | self.serial_closed(m), set(), include_busy=True)
         if plan is None or not plan.victims:
             return
         log.info("%s waited %.0fs: draining %s for it", m.id, self.cfg.max_wait, ", ".join(plan.victims))

@@ -172,12 +172,16 @@ class Core(Devices, Admission):
             self.begin_stop(m, rec.stop_after)
 
     def learn(self, m: Model, measured: int | None) -> None:
+        """Adopt a measured footprint. A split child pays the per-process overhead on each of its
+        devices; what is remembered is the one-device equivalent, since placement adds the
+        overhead again for every device of the next split."""
         if measured is None or measured <= 0:
             return
-        m.measured = measured
+        extra = (len(m.placement) - 1) * m.overhead if len(m.placement) > 1 else 0
+        m.measured = max(1, measured - extra)
         if m.holds_device:
             m.reserved = measured
-        self.emit(Learn(m.entry, measured))
+        self.emit(Learn(m.entry, m.measured))
 
     def _on_Measured(self, ev: Measured) -> None:
         m = self.models.get(ev.model)

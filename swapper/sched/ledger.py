@@ -104,14 +104,3 @@ def unreflected(m: Model, pid_visible: bool | None) -> int:
     if pid_visible and m.instance is not None:
         return max(0, m.reserved - m.seen_bytes)
     return m.reserved
-
-
-def room(models: list[Model], cap: int, reading: Reading | None, reserve: int,
-         pid_visible: bool | None, exclude: Model | None = None) -> int:
-    """Free bytes for a load: the smaller of what the ledger and the reading allow."""
-    ledger_free = cap - used(models, exclude)
-    if reading is None:
-        return ledger_free
-    pending = sum(unreflected(m, pid_visible) for m in models
-                  if m is not exclude and m.state in (State.AWAITING_ROOM, State.LOADING, State.WAKING))
-    return min(ledger_free, reading.free - reserve - pending)

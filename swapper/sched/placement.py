@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .planner import Candidate, plan_eviction
 
@@ -119,7 +119,8 @@ def _on_one(need: int, s: Slot, holders: list[Holder], slots_needed: int, may_ev
     return None if victims is None else Plan({s.id: need}, victims)
 
 
-def _split_devices(need: int, overhead: int, slots: list[Slot], equal: bool, size) -> list[Slot] | None:  # noqa: ANN001
+def _split_devices(need: int, overhead: int, slots: list[Slot], equal: bool,
+                   size: Callable[[Slot], int]) -> list[Slot] | None:
     """The fewest devices whose `size` holds the model split (largest first), or None."""
     work = max(0, need - overhead)
     ranked = sorted(slots, key=lambda s: (-size(s), s.index))
