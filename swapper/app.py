@@ -311,9 +311,11 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
         log.error("cannot listen on %s:%s: %s", st.listen.host, st.listen.port, e.strerror or e)
         await runner.cleanup()
         return 1
-    log.info("swapper listening on http://%s:%d with %d models (device %s:%d %s, budget %s)",
+    per_device = "" if len(rt.scheduler.probes) == 1 else " over " + ", ".join(
+        f"{d['id']} {_fmt(d['capacity'])}" for d in rt.scheduler.device_view())
+    log.info("swapper listening on http://%s:%d with %d models (device %s:%d %s, budget %s%s)",
              st.listen.host, st.listen.port, len(rt.catalog), rt.probe.kind, rt.probe.index, rt.probe.name,
-             _fmt(rt.scheduler.capacity))
+             _fmt(rt.scheduler.capacity), per_device)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -215,3 +215,19 @@ def test_a_vllm_child_split_over_four_gpus_gets_tensor_parallelism(tmp_path):
     # each GPU holds a quarter of the reservation: 40 of its 80 GiB
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.5000"
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-0,GPU-1,GPU-2,GPU-3"
+
+
+def test_gpu_command_lists_every_gpu_and_mig_instance_and_marks_the_planned(nvidia, monkeypatch, capsys):
+    import json
+
+    from swapper.cli import main
+
+    nvidia(count=2, mig={1})
+    monkeypatch.setitem(sys.modules, "amdsmi", None)
+    assert main(["gpu", "--json", "--device", "nvidia:all"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["planned"] == ["nvidia:0", "nvidia:1/mig0", "nvidia:1/mig1"]
+    rows = {d["id"]: d for d in doc["devices"]}
+    assert rows["nvidia:1/mig1"]["total"] == 20 * GiB and rows["nvidia:1/mig1"]["planned"]
+    assert not rows["nvidia:1"]["planned"], "a GPU in MIG mode is planned as its instances"
+    assert rows["host:0"]["planned"] is False

@@ -77,9 +77,10 @@ class Node:
         wid = next(self.ids)
         return wid, self.send(E.Arrived(wid, name, self.sizes[name], overhead=self.overhead, **kw))  # type: ignore[arg-type]
 
-    def loaded(self, name: str) -> list[E.Effect]:
+    def loaded(self, name: str, per_device: dict[str, int] | None = None) -> list[E.Effect]:
         m = self.core.models[name]
-        return self.send(E.Loaded(name, Inst(name), 1.0, m.reserved, readings=self.readings()))
+        total = sum(per_device.values()) if per_device else m.reserved
+        return self.send(E.Loaded(name, Inst(name), 1.0, total, readings=self.readings(), per_device=per_device))
 
     def stopped(self, name: str) -> list[E.Effect]:
         m = self.core.models[name]
@@ -197,6 +198,9 @@ def test_a_layer_split_uses_each_devices_room_in_proportion():
     frac = node.on("huge")
     assert frac["gpu:1"] > frac["gpu:0"], frac
     assert node.used("gpu:0") <= 20 * GiB and node.used("gpu:1") <= 20 * GiB
+    # the layers landed 10 + 16 GiB, not exactly as planned: each device's ledger follows
+    node.loaded("huge", per_device={"gpu:0": 10 * GiB, "gpu:1": 16 * GiB})
+    assert node.used("gpu:0") == 8 * GiB + 10 * GiB and node.used("gpu:1") == 16 * GiB
 
 
 def test_vllm_splits_in_equal_shares_over_a_power_of_two_of_devices():

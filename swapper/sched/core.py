@@ -145,6 +145,7 @@ class Core(Devices, Admission):
         if self.pid_visible is None:
             self.pid_visible = ev.process_bytes is not None
         self.learn(m, ev.process_bytes if ev.process_bytes is not None else ev.device_delta)
+        self.spread(m, ev.per_device)
         self.report(m, "load", rec.reason, m.reserved, now - rec.since)
         self.after_start(m, rec)
 

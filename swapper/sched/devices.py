@@ -125,6 +125,16 @@ class Devices:
                                 slots_needed=self.slots_needed(m), evict_on=evict_on, include_busy=include_busy,
                                 equal=self.equal_split(m))
 
+    def spread(self: Core, m: Model, per_device: dict[str, int] | None) -> None:
+        """A split child measured on each device: its ledger follows where its memory really is
+        (a layer split rarely lands exactly on the planned proportions)."""
+        if not per_device or len(m.placement) < 2:
+            return
+        seen = {d: per_device.get(d, 0) for d in m.placement}
+        total = sum(seen.values())
+        if total > 0 and all(seen.values()):
+            m.placement = {d: b / total for d, b in seen.items()}
+
     def fits_claim(self: Core, m: Model) -> bool:
         """An admitted model: every one of its devices shows room for its share."""
         return all(self.room_on(d, exclude=m) >= self.share(m, d) for d in self.devices_of(m))

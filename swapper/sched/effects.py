@@ -170,8 +170,10 @@ class EffectsRunner:
         readings = self._read()
         after = _used(readings, devs)
         delta = after - before if after is not None and before is not None else None
-        self.feed(E.Loaded(eff.model, inst, self.clock() - t0, self._process_bytes(inst), delta,
-                           readings=readings or None))
+        per_device = self._per_device(inst)
+        total = sum(per_device.values()) if per_device else None
+        self.feed(E.Loaded(eff.model, inst, self.clock() - t0, total, delta, readings=readings or None,
+                           per_device=per_device if len(eff.placement) > 1 else None))
 
     async def _stop(self, eff: E.Stop) -> None:
         t0 = self.clock()
@@ -242,18 +244,24 @@ class EffectsRunner:
     def _device_used(self, devs: list[str]) -> int | None:
         return _used(self._read(), devs)
 
-    def _process_bytes(self, inst: Instance) -> int | None:
-        """A child's memory over every device (None when no driver shows it)."""
-        total, seen = 0, False
-        for probe in self.probes.values():
+    def _per_device(self, inst: Instance) -> dict[str, int]:
+        """A child's memory on each device that shows it."""
+        out: dict[str, int] = {}
+        pids = inst.pids()
+        for did, probe in self.probes.items():
             try:
-                b = probe.process_bytes(inst.pids())
+                b = probe.process_bytes(pids)
             except Exception as e:
                 log.debug("per-process memory unavailable: %s", e)
                 continue
             if b is not None:
-                total, seen = total + b, True
-        return total if seen else None
+                out[did] = b
+        return out
+
+    def _process_bytes(self, inst: Instance) -> int | None:
+        """A child's memory over every device (None when no driver shows it)."""
+        per = self._per_device(inst)
+        return sum(per.values()) if per else None
 
     def _can_sleep(self, entry: ModelEntry) -> bool:
         try:

@@ -60,6 +60,7 @@ class Loaded:
     device_delta: int | None = None  # device used memory after minus before (serial loads)
     reading: Reading | None = None  # the device right after the load
     readings: dict[str, Reading] | None = None  # per device, on a node with several
+    per_device: dict[str, int] | None = None  # the child's bytes on each device, where shown
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def share(m: Model, dev: str, default: str, nbytes: int | None = None) -> int:
     if not m.placement:
         return nbytes if dev == default else 0
     frac = m.placement.get(dev, 0.0)
-    return nbytes if frac == 1.0 else int(nbytes * frac)
+    return nbytes if frac == 1.0 else round(nbytes * frac)
 
 
 def used_on(models: Iterable[Model], dev: str, default: str, exclude: Model | None = None) -> int:
