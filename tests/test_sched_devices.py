@@ -329,3 +329,21 @@ def test_every_device_stays_within_its_budget_while_models_come_and_go(n):
                 assert node.used(d) <= 20 * GiB, (d, node.used(d))
     used_devices = {d for m in node.core.models.values() for d in m.placement}
     assert len(used_devices) == n, "placement spreads models over every device"
+
+
+def test_a_model_waiting_for_busy_models_holds_only_the_device_it_waits_for():
+    node = Node(2, {"a": 18 * GiB, "b": 12 * GiB, "c": 6 * GiB, "x": 15 * GiB, "y": 7 * GiB},
+                device={"a": "gpu:0", "b": "gpu:1", "c": "gpu:1"}, max_wait=30)
+    for name in ("a", "b", "c"):
+        node.load_idle(name)
+    node.serve("a")
+    node.serve("b")
+    _, effs = node.arrive("x")  # fits nowhere without draining; draining a on gpu:0 is its way in
+    assert not stops(effs) and node.state("x") == State.UNLOADED
+    wy, effs = node.arrive("y")  # needs c evicted on gpu:1, which x does not wait for
+    assert stops(effs) == ["c"]
+    node.stopped("c")
+    assert wy in granted(node.loaded("y"))
+    node.clock.advance(31)
+    node.send(E.Tick())
+    assert node.state("a") == State.DRAINING and node.state("b") == State.READY, "x drains only gpu:0"

@@ -89,7 +89,10 @@ class Admission:
             if self.admit(m, now, closed=closed, no_evict=set(blocked)):
                 continue
             self.prefetch_waiting(m)
-            free = [d for d in self.allowed(m) if d not in blocked]
+            # it waits for the devices it would get by draining busy models: those alone are
+            # held for it; loads elsewhere go on
+            target = self.place(m, closed, set(), include_busy=True)
+            free = [d for d in (target.shares if target else self.allowed(m)) if d not in blocked]
             if not free:
                 continue
             for d in free:
