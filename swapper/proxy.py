@@ -21,11 +21,6 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-try:
-    import orjson
-except ImportError:  # pragma: no cover - a declared dependency; plain json still works
-    orjson = None  # type: ignore[assignment]
-
 from .catalog import Resolution
 from .errors import bad_request, error_response, from_scheduler, not_found_model
 from .scheduler import SchedulerError
@@ -52,18 +47,6 @@ _RESP_SKIP = HOP_BY_HOP | {"server", "date", "access-control-allow-origin",
                            "access-control-allow-methods"}
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 _USAGE_KEY = b'"usage"'
-
-
-def parse_json(raw: bytes) -> Any:
-    """The request body as JSON: orjson when it can (several times faster on big chat histories),
-    else the standard library, whose verdict (and error message) stands: it also accepts what
-    orjson refuses, such as NaN or integers beyond 64 bits, which llama-server may take."""
-    if orjson is not None:
-        try:
-            return orjson.loads(raw)
-        except ValueError:
-            pass
-    return json.loads(raw)
 
 
 class UsageSniffer:
@@ -199,7 +182,7 @@ class Proxy:
                 model = multipart_model(raw, ctype)
             else:
                 try:
-                    parsed = parse_json(raw) if raw else None
+                    parsed = json.loads(raw) if raw else None
                 except (ValueError, UnicodeDecodeError) as e:
                     status = 400
                     return bad_request(f"request body is not valid JSON: {e}")
