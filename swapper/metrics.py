@@ -94,7 +94,7 @@ class Metrics:
             self.load_duration.labels(m).observe(ev.seconds)
 
     def waited(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(self.label(model)).observe(seconds)
+        self.child(self.queue_wait, self.label(model)).observe(seconds)
 
     # ------------------------------------------------------------------ scheduler state
 
