@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"keeper: unknown option {opt}", file=sys.stderr)
             return 2
+    try:
+        os.setpgid(0, 0)  # a process group of its own (swapper sets it too, whichever runs first)
+    except OSError:
+        pass
     if not argv or argv[0] != "--" or len(argv) < 2:
         print("usage: python -m swapper.keeper [--grace S] [--parent PID] -- COMMAND ...", file=sys.stderr)
         return 2
