@@ -100,7 +100,7 @@ def table(ctx: Ctx, results: dict[tuple[str, int], dict[str, Tally]]) -> tuple[s
                 if r > 1.0:
                     worse.append(f"{wl} c={c} {unit} {r:.2f}x")
             totals = [per[t].per_request_ms("total") for t in TARGETS] if unit == "ms/request" else ["", "", ""]
-            rows.append((wl, c, unit, f"{sw:.2f}", f"{ro:.2f}", f"{r:.2f}",
+            rows.append((wl, c, unit, f"{sw:.2f}", f"{ro:.2f}", "n/a" if math.isnan(r) else f"{r:.2f}",
                          *(f"{v:.2f}" if v != "" else "–" for v in totals)))
     failed = {t: sum(per[t].failed for per in results.values()) for t in TARGETS}
     text = md_table(["workload", "conc.", "unit", "front: swapper", "front: router", "swapper/router",

@@ -289,16 +289,18 @@ class Proxy:
         if length is not None and "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
             resp.content_length = int(length)
         sniff = UsageSniffer() if upstream.status == 200 else None
-        first = True
         try:
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                if first:
-                    self.rt.metrics.first_byte(model, time.monotonic() - t0)
-                    first = False
+            # per chunk (a streamed token, often): one read, one sniff, one write, nothing else
+            read, write = upstream.content.readany, resp.write
+            chunk = await read()
+            if chunk:
+                self.rt.metrics.first_byte(model, time.monotonic() - t0)
+            while chunk:
                 if sniff is not None:
                     sniff.feed(chunk)
-                await resp.write(chunk)
+                await write(chunk)
+                chunk = await read()
             await resp.write_eof()
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError) as e:
             log.warning("model %s: upstream broke off mid-response: %s", model, e)
