@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"keeper: unknown option {opt}", file=sys.stderr)
             return 2
     try:
-        os.setpgid(0, 0)  # a process group of its own (swapper sets it too, whichever runs first)
+        # a process group of its own, for swapper's killpg, in swapper's session (see process.py)
+        os.setpgid(0, 0)
     except OSError:
         pass
     if not argv or argv[0] != "--" or len(argv) < 2:
