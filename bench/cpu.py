@@ -96,9 +96,8 @@ def table(ctx: Ctx, results: dict[tuple[str, int], dict[str, Tally]]) -> tuple[s
         for unit, fn in units:
             sw, ro = fn(per["swapper"]), fn(per["router"])
             r = ratio(sw, ro)
-            if unit == "ms/request" or wl == "stream":
-                if r > 1.0:
-                    worse.append(f"{wl} c={c} {unit} {r:.2f}x")
+            if r > 1.0:
+                worse.append(f"{wl} c={c} {unit} {r:.2f}x")
             totals = [per[t].per_request_ms("total") for t in TARGETS] if unit == "ms/request" else ["", "", ""]
             rows.append((wl, c, unit, f"{sw:.2f}", f"{ro:.2f}", "n/a" if math.isnan(r) else f"{r:.2f}",
                          *(f"{v:.2f}" if v != "" else "–" for v in totals)))
