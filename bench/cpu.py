@@ -78,7 +78,9 @@ def measure(ctx: Ctx, servers: dict[str, Server], model: str) -> dict[tuple[str,
                         tally.front += f1 - f0
                         tally.engine += e1 - e0
                     tally.requests += len(reqs)
-                    tally.tokens += sum(r.tokens for r in reqs if r.status == 200)
+                    # ignore_eos: every answer relays exactly max_tokens tokens (some of random
+                    # weights' tokens carry no text, so counting text events would undercount)
+                    tally.tokens += tokens * sum(1 for r in reqs if r.status == 200)
                     tally.failed += sum(1 for r in reqs if r.status != 200)
             ctx.log(f"cpu {wl} c={c}: front ms/request " + ", ".join(
                 f"{t} {per[t].per_request_ms('front'):.2f}" for t in FRONTS))
