@@ -22,6 +22,11 @@ class Profile:
     short_requests: tuple[tuple[int, int], ...] = ((1, 30), (8, 48), (32, 128))  # concurrency -> requests
     stream_requests: tuple[tuple[int, int], ...] = ((1, 6), (8, 16), (32, 64))
     overhead_mib: int = 16
+    cpu_concurrency: tuple[int, ...] = (1, 8, 32)  # the CPU-per-request table
+    cpu_reps: int = 3
+    cpu_short: int = 200  # enough CPU per run that 10 ms clock ticks do not matter
+    cpu_streams: int = 16
+    cpu_stream_tokens: int = 64
     swap_models: int = 3
     swap_mib: int = 64
     swap_resident: int = 1
@@ -46,6 +51,7 @@ PROFILES = {
                     stream_requests=((1, 10), (8, 32), (32, 64)), swap_models=4, swap_mib=256, swap_resident=2,
                     swap_requests=24, swap_reps=3, fidelity_mib=256, cache_mib=1024, cache_reps=5),
     "smoke": Profile("smoke", concurrency=(1,), reps=2, short_requests=((1, 10),), stream_requests=((1, 3),),
+                     cpu_concurrency=(1, 8), cpu_reps=1, cpu_short=10, cpu_streams=2, cpu_stream_tokens=8,
                      swap_requests=4, swap_reps=1, floor_reps=2, scale_files=100, scale_requests=100,
                      fidelity_mib=64, fidelity_requests=12, cache_mib=64, cache_reps=1),
 }

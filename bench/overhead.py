@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from . import cpu as cpu_table
 from .context import Ctx
 from .driver import Req, RunStats, completion
 from .models import link_dir, synth
@@ -92,10 +93,15 @@ def run(ctx: Ctx) -> Section:
         for s in servers.values():
             s.wait_healthy()
         results = measure(ctx, servers, errors)
+        cpu = cpu_table.measure(ctx, servers, MODEL)
     finally:
         for s in servers.values():
             s.stop()
-    return _section(ctx, results, servers, model.stat().st_size, errors)
+    sec = _section(ctx, results, servers, model.stat().st_size, errors)
+    text, goals = cpu_table.table(ctx, cpu)
+    sec.tables.append(text)
+    sec.goals += goals
+    return sec
 
 
 def _section(ctx: Ctx, results: Results, servers: dict[str, Server], model_bytes: int,

@@ -93,11 +93,14 @@ class Runtime:
             # one pooled session for every child; bytes pass through undecoded; idle connections
             # are dropped before llama-server's own 5 s keep-alive timeout closes them under us,
             # and there are never more per child than it has HTTP threads (an idle kept-alive
-            # connection holds one of llama-server's threads: more would stall new requests)
+            # connection holds one of llama-server's threads: more would stall new requests).
+            # No cookie jar: a proxy must not carry one client's cookies to another (and
+            # filtering a jar costs on every request)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=CHILD_CONNECTIONS, ttl_dns_cache=None,
                                                keepalive_timeout=4.0),
-                auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+                auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None),
+                cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     def estimate_or_none(self, entry: ModelEntry) -> Estimate | None:
@@ -285,6 +288,12 @@ def setup_logging(level: str, fmt: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
+    # what no formatter here shows is not collected for every record (the logging HOWTO's
+    # "Optimization" section): one access line per request is on the hot path
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

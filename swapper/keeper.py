@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"keeper: unknown option {opt}", file=sys.stderr)
             return 2
+    try:
+        # a process group of its own, for swapper's killpg, in swapper's session (see process.py)
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     if not argv or argv[0] != "--" or len(argv) < 2:
         print("usage: python -m swapper.keeper [--grace S] [--parent PID] -- COMMAND ...", file=sys.stderr)
         return 2

@@ -53,28 +53,38 @@ class Metrics:
         self.queue_wait = Histogram("swapper_queue_wait_seconds", "Time a request waited for its model.",
                                     ["model"], buckets=_LATENCY, registry=r)
         self._scheduler: Scheduler | None = None
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def label(self, model: str) -> str:
         return model if model and model != "unknown" and self.known(model) else "unknown"
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus-client validates and locks on
+        every `.labels()` call, which is most of what a metric costs on the request path."""
+        key = (metric, labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
     # ------------------------------------------------------------------ observations
 
     def request_done(self, model: str, status: int, seconds: float) -> None:
         m = self.label(model)
-        self.requests.labels(m, str(status)).inc()
-        self.duration.labels(m).observe(seconds)
+        self.child(self.requests, m, str(status)).inc()
+        self.child(self.duration, m).observe(seconds)
 
     def first_byte(self, model: str, seconds: float) -> None:
-        self.ttfb.labels(self.label(model)).observe(seconds)
+        self.child(self.ttfb, self.label(model)).observe(seconds)
 
     def tokens(self, model: str, usage: dict[str, Any]) -> None:
         m = self.label(model)
         p = usage.get("prompt_tokens", usage.get("input_tokens"))
         c = usage.get("completion_tokens", usage.get("output_tokens"))
         if isinstance(p, (int, float)) and p >= 0:
-            self.prompt_tokens.labels(m).inc(p)
+            self.child(self.prompt_tokens, m).inc(p)
         if isinstance(c, (int, float)) and c >= 0:
-            self.completion_tokens.labels(m).inc(c)
+            self.child(self.completion_tokens, m).inc(c)
 
     def swap(self, ev: SwapEvent) -> None:
         m = self.label(ev.model)
@@ -86,7 +96,7 @@ class Metrics:
             self.load_duration.labels(m).observe(ev.seconds)
 
     def waited(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(self.label(model)).observe(seconds)
+        self.child(self.queue_wait, self.label(model)).observe(seconds)
 
     # ------------------------------------------------------------------ scheduler state
 

@@ -1,7 +1,12 @@
 """A child server process: spawn under a keeper, poll health, keep a log tail, stop cleanly.
 
-Each child runs as `python -S -E keeper.py -- ENGINE ARGS...` in a session of its own (see
-keeper.py for why: no orphans, even when swapper is SIGKILLed or the engine forks workers).
+Each child runs as `python -S -E keeper.py -- ENGINE ARGS...` (see keeper.py for why: no
+orphans, even when swapper is SIGKILLed or the engine forks workers). The keeper makes itself a
+process group of its own first thing, but stays in swapper's session: with the kernel's session
+autogroups (on by default) a session of its own would make each engine a scheduling group of its
+own, which on a busy host generated 2-4x slower than the same llama-server started from
+swapper's session. (The group is set by the keeper, not from here: once the keeper has exec'd,
+which it has when the spawn returns, only it may change its own group.)
 Stopping sends SIGTERM to the keeper, which passes it on and SIGKILLs leftovers after the grace
 period; if the keeper itself does not exit in time, its whole process group is SIGKILLed.
 """
@@ -121,8 +126,7 @@ class ChildProcess:
         log.debug("starting %s: %s", self.name, " ".join(self.argv))
         self.proc = await asyncio.create_subprocess_exec(
             *keeper, *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True,
-            limit=1 << 20)
+            stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd, limit=1 << 20)
         self._reader = asyncio.create_task(self._read_output(), name=f"log:{self.name}")
         self._waiter = asyncio.create_task(self._wait(), name=f"wait:{self.name}")
 

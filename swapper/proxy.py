@@ -50,6 +50,7 @@ _RESP_SKIP = HOP_BY_HOP | {"server", "date", "access-control-allow-origin",
                            "access-control-allow-credentials", "access-control-allow-headers",
                            "access-control-allow-methods"}
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+_USAGE_KEY = b'"usage"'
 
 
 def autoload_of(request: web.Request, settings: Any) -> bool:
@@ -73,16 +74,19 @@ class UsageSniffer:
             del self.buf[: len(self.buf) - 65536]
 
     def usage(self) -> dict[str, Any] | None:
-        found = None
-        for m in _USAGE_RE.finditer(bytes(self.buf)):
-            found = m.group(1)
-        if not found:
-            return None
-        try:
-            u = json.loads(found)
-        except ValueError:
-            return None
-        return u if isinstance(u, dict) else None
+        """The last `usage` object: searched backwards from the end, where engines put it."""
+        buf = self.buf
+        at = buf.rfind(_USAGE_KEY)
+        while at >= 0:
+            m = _USAGE_RE.match(buf, at)
+            if m:
+                try:
+                    u = json.loads(m.group(1))
+                except ValueError:
+                    return None
+                return u if isinstance(u, dict) else None
+            at = buf.rfind(_USAGE_KEY, 0, at)
+        return None
 
 
 def multipart_model(body: bytes, content_type: str) -> str | None:
@@ -105,17 +109,30 @@ def _upstream_error(model: str, e: BaseException) -> web.Response:
 Finished = Callable[[web.Request, str, int, float], None]
 
 
+def _too_big(limit: int) -> web.Response:
+    return error_response(f"request body is larger than the limit of {limit} bytes", 413, "request_too_large")
+
+
 class Proxy:
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.finished: list[Finished] = []
+        self._timeout: tuple[tuple[float, float], aiohttp.ClientTimeout] | None = None
+
+    def upstream_timeout(self) -> aiohttp.ClientTimeout:
+        """The upstream timeouts, built once per setting (not per request)."""
+        st = self.rt.settings
+        key = (st.upstream_connect_timeout, st.upstream_read_timeout)
+        if self._timeout is None or self._timeout[0] != key:
+            # sock_connect, not connect: waiting for a pooled connection (many requests granted
+            # at once after a cold swap) is not a connect timeout
+            self._timeout = (key, aiohttp.ClientTimeout(total=None, sock_connect=key[0], sock_read=key[1]))
+        return self._timeout[1]
 
     async def read_body(self, request: web.Request) -> bytes | web.Response:
         limit = self.rt.settings.max_body
-        too_big = error_response(f"request body is larger than the limit of {limit} bytes", 413,
-                                 "request_too_large")
         if request.content_length is not None and request.content_length > limit:
-            return too_big
+            return _too_big(limit)
         chunks = []
         size = 0
         while True:
@@ -124,7 +141,7 @@ class Proxy:
                 break
             size += len(chunk)
             if size > limit:
-                return too_big
+                return _too_big(limit)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -281,10 +298,7 @@ class Proxy:
             # llama-server drops the connection after a stream without saying so: never
             # return such a connection to the pool
             headers["Connection"] = "close"
-        # sock_connect, not connect: waiting for a pooled connection (many requests granted
-        # at once after a cold swap) is not a connect timeout
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=rt.settings.upstream_connect_timeout,
-                                        sock_read=rt.settings.upstream_read_timeout)
+        timeout = self.upstream_timeout()
         for attempt in (1, 2):
             upstream_cm = rt.session.request(request.method, url, data=payload or None, headers=headers,
                                              timeout=timeout, allow_redirects=False)
@@ -321,17 +335,19 @@ class Proxy:
         if length is not None and "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
             resp.content_length = int(length)
         sniff = UsageSniffer() if upstream.status == 200 else None
-        first = True
         try:
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                if first:
-                    request["ttft"] = time.monotonic() - t0
-                    self.rt.metrics.first_byte(model, request["ttft"])
-                    first = False
+            # per chunk (a streamed token, often): one read, one sniff, one write, nothing else
+            read, write = upstream.content.readany, resp.write
+            chunk = await read()
+            if chunk:
+                request["ttft"] = time.monotonic() - t0
+                self.rt.metrics.first_byte(model, request["ttft"])
+            while chunk:
                 if sniff is not None:
                     sniff.feed(chunk)
-                await resp.write(chunk)
+                await write(chunk)
+                chunk = await read()
             await resp.write_eof()
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                 asyncio.TimeoutError) as e:

@@ -27,5 +27,7 @@ def test_bench_quick_smoke_prints_a_table(tmp_path: Path, llama_server_bin: str)
                   "## 4. Budget fidelity", "## 5. Page cache"):
         assert title in r.stdout, f"{title!r} missing:\n{r.stdout[-3000:]}"
     assert "| workload | conc. | metric | direct | swapper | router | swapper/direct | swapper/router |" in r.stdout
+    assert ("| workload | conc. | unit | front: swapper | front: router | swapper/router | total ms/request: direct "
+            "| total: swapper | total: router |") in r.stdout, "the CPU-per-request table"
     assert "**Failed:**" not in r.stdout
     assert out.read_text() == r.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 import aiohttp
@@ -34,3 +35,25 @@ async def test_a_child_that_dies_during_start_reports_its_status_and_last_lines(
             assert e.tail[-2:] == ["loading weights", "bad magic"]
     await asyncio.wait_for(child.exited.wait(), 5)
     assert "[broken] loading weights" in caplog.text
+
+
+async def test_a_child_gets_a_process_group_of_its_own_in_swappers_session():
+    """Its own group, so that stopping it can signal the whole tree; swapper's session, so that
+    the kernel's session autogroups do not schedule every engine as a group of its own."""
+    code = "import os, time; print(os.getpgid(0), os.getsid(0), flush=True); time.sleep(30)"
+    child = ChildProcess("grouped", [sys.executable, "-c", code], grace=1.0)
+    await child.start()
+    try:
+        for _ in range(500):
+            if child.tail:
+                break
+            await asyncio.sleep(0.02)
+        assert child.proc is not None and child.tail, "the child printed its group and session"
+        keeper = child.proc.pid
+        engine_group, engine_session = (int(x) for x in child.tail[0].split())
+        assert os.getpgid(keeper) == keeper, "the keeper leads a group of its own"
+        assert os.getsid(keeper) == os.getsid(0) == engine_session, "in swapper's session"
+        assert engine_group not in (os.getpgid(0), keeper), "the engine's group is the keeper's own child group"
+    finally:
+        await child.stop(1.0)
+    assert child.returncode is not None

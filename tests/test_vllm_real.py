@@ -145,8 +145,10 @@ def test_real_vllm_engine_crash_leaves_no_process_or_socket(swapper_factory, vll
     s = swapper_factory(config=config(vllm_env))
     _, procs, alias = load(s, openai_client)
     os.kill(api_server_pid(procs), signal.SIGKILL)  # its engine core and worker would live on
-    s.wait_for(lambda: s.status("tiny")["failed"], 30, "the crash to be noticed")
-    assert s.status("tiny")["value"] == "unloaded"
+    # a crash of a loaded model is not a failed load: it is unloaded, with the engine's exit
+    # status, and the next request reloads it
+    s.wait_for(lambda: s.status("tiny")["exit_code"] is not None, 30, "the crash to be noticed")
+    assert s.status("tiny")["value"] == "unloaded" and not s.status("tiny")["failed"]
     wait_gone(s, procs, alias)
 
 

@@ -91,7 +91,7 @@ class Core(Devices, Admission):
         if m.state == State.READY:
             return self.grant(m, w)
         if not ev.autoload:
-            return self.emit(Fail(ev.waiter, NotLoaded(f"model '{m.id}' is not loaded")))
+            return self.emit(Fail(ev.waiter, NotLoaded("model is not loaded")))
         if not self.fits_ever(m):
             return self.emit(Fail(ev.waiter, self.too_big(m)))
         if m.failed and now < m.backoff_until and m.state == State.UNLOADED:

@@ -33,7 +33,10 @@ class Launcher(Protocol):
 
     async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None], *,
                     placement: dict[str, float] | None = None) -> Instance:
-        """Start a child with only `placement`'s devices visible (split in its proportions)."""
+        """Start a child with only `placement`'s devices visible (split in its proportions).
+
+        `placement` is passed only on a node with several devices; a launcher for one device
+        may leave it out of its signature."""
         ...
 
     async def stop(self, instance: Instance, entry: ModelEntry) -> None: ...
@@ -155,7 +158,10 @@ class EffectsRunner:
         devs = list(eff.placement) or list(self.probes)[:1]
         before = self._device_used(devs) if eff.measure_device else None
         try:
-            inst = await self.launcher.start(eff.entry, eff.reserved, on_exit, placement=eff.placement or None)
+            # the placement only matters where there is a choice: single-device launchers keep
+            # the three-argument start
+            kw = {"placement": eff.placement} if len(self.probes) > 1 and eff.placement else {}
+            inst = await self.launcher.start(eff.entry, eff.reserved, on_exit, **kw)
         except asyncio.CancelledError:
             self.feed(E.LoadFailedEvent(eff.model, LoadError("cancelled: swapper is shutting down"), 0.0))
             raise

@@ -1,0 +1,118 @@
+"""Part of section 1: CPU per request of each front, at concurrency 1, 8 and 32, targets interleaved.
+
+On a CPU-only host the front shares the cores with generation, so what it spends per request
+(and per streamed token) is the cost to compare with llama.cpp's own router. CPU time is read
+from /proc (user + system, in clock ticks): the front is the server process alone (swapper's
+supervisor, router mode's router); the engine is everything below it (swapper's keeper and
+llama-server, the router's llama-server child), or llama-server itself when it is served
+directly. Totals over every repetition are divided by the requests of every repetition, so
+the 10 ms tick does not round small per-request costs away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import psutil
+
+from .context import Ctx
+from .driver import completion
+from .report import Goal, md_table
+from .servers import Server
+from .stats import ratio
+
+TARGETS = ("direct", "swapper", "router")
+FRONTS = ("swapper", "router")
+
+
+@dataclass
+class Tally:
+    """CPU seconds and work done, summed over repetitions."""
+
+    front: float = 0.0
+    engine: float = 0.0
+    requests: int = 0
+    tokens: int = 0
+    failed: int = 0
+
+    def per_request_ms(self, what: str) -> float:
+        v = self.front if what == "front" else self.front + self.engine
+        return v * 1000 / self.requests if self.requests else math.nan
+
+    def per_token_us(self) -> float:
+        return self.front * 1e6 / self.tokens if self.tokens else math.nan
+
+
+def engine_seconds(server: Server) -> float:
+    """CPU of the processes that generate: the children of a front, or a direct llama-server."""
+    procs = [psutil.Process(server.proc.pid)] if server.kind == "direct" else server.descendants()
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        total += t.user + t.system
+    return total
+
+
+def measure(ctx: Ctx, servers: dict[str, Server], model: str) -> dict[tuple[str, int], dict[str, Tally]]:
+    p = ctx.profile
+    out: dict[tuple[str, int], dict[str, Tally]] = {}
+    for wl, stream, tokens in (("short", False, 8), ("stream", True, p.cpu_stream_tokens)):
+        body = completion(model, tokens, stream)
+        for c in p.cpu_concurrency:
+            n = max(c, p.cpu_streams) if stream else p.cpu_short
+            per = out[(wl, c)] = {t: Tally() for t in TARGETS}
+            for rep in range(p.cpu_reps):
+                for t in TARGETS[rep % 3:] + TARGETS[:rep % 3]:
+                    s = servers[t]
+                    f0, e0 = s.cpu_seconds(), engine_seconds(s)
+                    reqs, _ = ctx.loadgen.run(s.url, body, n, c)
+                    f1, e1 = s.cpu_seconds(), engine_seconds(s)
+                    tally = per[t]
+                    if t == "direct":
+                        tally.engine += f1 - f0  # the server is the engine
+                    else:
+                        tally.front += f1 - f0
+                        tally.engine += e1 - e0
+                    tally.requests += len(reqs)
+                    # ignore_eos: every answer relays exactly max_tokens tokens (some of random
+                    # weights' tokens carry no text, so counting text events would undercount)
+                    tally.tokens += tokens * sum(1 for r in reqs if r.status == 200)
+                    tally.failed += sum(1 for r in reqs if r.status != 200)
+            ctx.log(f"cpu {wl} c={c}: front ms/request " + ", ".join(
+                f"{t} {per[t].per_request_ms('front'):.2f}" for t in FRONTS))
+    return out
+
+
+def table(ctx: Ctx, results: dict[tuple[str, int], dict[str, Tally]]) -> tuple[str, list[Goal]]:
+    p = ctx.profile
+    rows = []
+    worse: list[str] = []
+    for (wl, c), per in results.items():
+        units = [("ms/request", lambda t: t.per_request_ms("front"))]
+        if wl == "stream":
+            units.append(("µs/token", Tally.per_token_us))
+        for unit, fn in units:
+            sw, ro = fn(per["swapper"]), fn(per["router"])
+            r = ratio(sw, ro)
+            if r > 1.0:
+                worse.append(f"{wl} c={c} {unit} {r:.2f}x")
+            totals = [per[t].per_request_ms("total") for t in TARGETS] if unit == "ms/request" else ["", "", ""]
+            rows.append((wl, c, unit, f"{sw:.2f}", f"{ro:.2f}", "n/a" if math.isnan(r) else f"{r:.2f}",
+                         *(f"{v:.2f}" if v != "" else "–" for v in totals)))
+    failed = {t: sum(per[t].failed for per in results.values()) for t in TARGETS}
+    text = md_table(["workload", "conc.", "unit", "front: swapper", "front: router", "swapper/router",
+                     "total ms/request: direct", "total: swapper", "total: router"], rows)
+    intro = (f"CPU per request at concurrency {', '.join(map(str, p.cpu_concurrency))}: {p.cpu_short} short "
+             f"requests (max_tokens 8) and max(concurrency, {p.cpu_streams}) streamed ones "
+             f"(max_tokens {p.cpu_stream_tokens}) per target and repetition, {p.cpu_reps} repetitions with the "
+             f"targets rotated. *front* = the server process alone (swapper's supervisor, router mode's "
+             f"router); *total* = front + engine (every process below it, or llama-server itself when served "
+             f"directly), so total − direct is what a front costs the machine, its extra hop included."
+             + (f" Failed requests: {failed}." if any(failed.values()) else ""))
+    goal = Goal("front CPU per request and per streamed token vs router's (c=" + "/".join(
+        map(str, p.cpu_concurrency)) + ")", "<= 1.0x everywhere", "; ".join(worse) or "all <= 1.0x", not worse)
+    return intro + "\n\n" + text, [goal]

@@ -1,0 +1,263 @@
+"""The request path in one process: swapper's app in front of a stand-in engine (no child processes).
+
+These pin down what the hot path must keep doing however it is made cheaper: keys when they are
+set (and an open door when none are), request IDs, CORS, errors, usage counted from plain and
+streamed answers, and bodies forwarded byte for byte. The real-process versions of these live in
+test_keys.py, test_metrics.py and test_serve_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from swapper import backends
+from swapper.app import build_runtime, create_app
+from swapper.config import ModelSpec, Settings
+from swapper.gpu import FakeProbe
+from swapper.proxy import UsageSniffer
+from swapper.synth import write_model
+
+MiB = 1 << 20
+
+
+@dataclass
+class StandIn:
+    """An engine answering completions like llama-server, remembering the bodies it got."""
+
+    bodies: list[bytes] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self.bodies.append(raw)
+        self.headers.append(dict(request.headers))
+        body = json.loads(raw)
+        n = int(body.get("max_tokens", 4))
+        usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
+        if not body.get("stream"):
+            return web.json_response({"choices": [{"text": " a" * n, "index": 0}], "usage": usage})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(n):
+            event: dict[str, Any] = {"choices": [{"text": " a", "index": 0}]}
+            if i == n - 1:
+                event["usage"] = usage
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+@dataclass
+class Instance:
+    base_url: str
+    backend: Any
+    pid: int = 4242
+
+    def pids(self) -> list[int]:
+        return [self.pid]
+
+    def process_alive(self) -> bool:
+        return True
+
+
+@dataclass
+class StandInLauncher:
+    """Starts nothing: every model's "child" is the stand-in engine's URL."""
+
+    url: str
+    settings: Settings
+
+    async def start(self, entry: Any, reserved: int, on_exit: Callable[[int | None], None]) -> Instance:
+        return Instance(self.url, backends.get(entry.engine, self.settings))
+
+    async def stop(self, instance: Instance, entry: Any) -> None:
+        return None
+
+    def can_sleep(self, entry: Any) -> bool:
+        return False
+
+    def prefetch(self, entry: Any) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.gguf"
+    write_model(path, size_bytes=1 * MiB, seed=3, ctx=512)
+    return path
+
+
+@pytest.fixture
+async def front(tmp_path: Path, gguf: Path):  # noqa: ANN201
+    """A factory: swapper's app with the given settings, in front of a fresh stand-in engine."""
+    made: list[TestClient] = []
+
+    async def make(**settings: Any) -> tuple[TestClient, StandIn, Any]:
+        engine = StandIn()
+        upstream = TestServer(engine.app())
+        await upstream.start_server()
+        st = Settings(state_dir=str(tmp_path / "state"), device="cpu", reserve=0,
+                      models={"tiny": ModelSpec(name="tiny", path=str(gguf), footprint=8 * MiB)}, **settings)
+        rt = build_runtime(st, probe=FakeProbe(), launcher=StandInLauncher(str(upstream.make_url("")).rstrip("/"), st))
+        client = TestClient(TestServer(create_app(rt)))
+        await client.start_server()
+        made.append(client)
+        made.append(upstream)  # type: ignore[arg-type]
+        return client, engine, rt
+
+    yield make
+    for c in made:
+        await c.close()
+
+
+def sample(rt: Any, name: str, **labels: str) -> float:
+    """One sample of the runtime's Prometheus registry (0 when absent)."""
+    for family in rt.metrics.registry.collect():
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return 0.0
+
+
+BODY = {"model": "tiny", "prompt": "x", "max_tokens": 3}
+
+
+async def test_without_keys_every_route_is_open(front):
+    client, _, _ = await front()
+    r = await client.post("/v1/completions", json=BODY)
+    assert r.status == 200, await r.text()
+    assert (await client.get("/v1/models")).status == 200
+
+
+async def test_keys_are_enforced_on_the_proxy_path_when_set(front):
+    client, engine, _ = await front(api_keys=["k-1234"])
+    r = await client.post("/v1/completions", json=BODY)
+    assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert (await client.post("/v1/completions", json=BODY, headers={"Authorization": "Bearer nope"})).status == 401
+    assert engine.bodies == [], "a refused request never reaches the engine"
+    r = await client.post("/v1/completions", json=BODY, headers={"Authorization": "Bearer k-1234"})
+    assert r.status == 200
+    assert "authorization" not in {k.lower() for k in engine.headers[-1]}, "keys are not passed on"
+    assert (await client.get("/health/live")).status == 200, "probes stay open"
+
+
+async def test_admin_keys_alone_guard_admin_routes_only(front):
+    client, _, _ = await front(admin_keys=["adm-1"])
+    assert (await client.post("/models/load", json={"model": "tiny"})).status == 401
+    assert (await client.post("/v1/completions", json=BODY)).status == 200
+
+
+async def test_request_ids_are_kept_or_generated(front):
+    client, engine, _ = await front()
+    r = await client.post("/v1/completions", json=BODY, headers={"X-Request-ID": "trace-1"})
+    assert r.headers["X-Request-ID"] == "trace-1" and engine.headers[-1]["X-Request-ID"] == "trace-1"
+    r = await client.post("/v1/completions", json={**BODY, "stream": True}, headers={"X-Request-ID": "bad id"})
+    await r.read()
+    rid = r.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", rid) and engine.headers[-1]["X-Request-ID"] == rid
+    other = (await client.get("/v1/models")).headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", other) and other != rid
+
+
+async def test_access_log_line_per_request(front, caplog: pytest.LogCaptureFixture):
+    client, _, _ = await front()
+    with caplog.at_level("INFO", logger="swapper.access"):
+        await client.post("/v1/completions", json=BODY, headers={"X-Request-ID": "log-me"})
+        await client.get("/?api_key=secret-1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "swapper.access"]
+    assert any(re.fullmatch(r"log-me POST /v1/completions 200 \d+\.\dms", x) for x in lines), lines
+    assert not any("secret-1" in x for x in lines)
+
+
+async def test_cors_only_when_an_origin_is_configured(front):
+    client, _, _ = await front()
+    r = await client.options("/v1/completions", headers={"Origin": "https://ui.example",
+                                                         "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+    client, _, _ = await front(cors_origins=["https://ui.example"], api_keys=["k-1"])
+    r = await client.options("/v1/completions", headers={"Origin": "https://ui.example",
+                                                         "Access-Control-Request-Method": "POST"})
+    assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "https://ui.example"
+    r = await client.get("/v1/models", headers={"Origin": "https://ui.example", "Authorization": "Bearer k-1"})
+    assert r.headers["Access-Control-Allow-Origin"] == "https://ui.example"
+
+
+async def test_errors_keep_their_shape(front):
+    client, _, _ = await front()
+    r = await client.post("/v1/completions", data=b"{nope", headers={"Content-Type": "application/json"})
+    assert r.status == 400 and (await r.json())["error"]["message"].startswith("request body is not valid JSON")
+    r = await client.post("/v1/completions", json=[1, 2])
+    assert r.status == 400 and (await r.json())["error"]["message"] == "request body must be a JSON object"
+    r = await client.get("/no/such/route")
+    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+    r = await client.post("/v1/completions", json={**BODY, "model": "ghost"})
+    assert r.status == 404 and (await r.json())["error"]["code"] == "model_not_found"
+
+
+async def test_oversized_body_is_refused(front):
+    client, engine, _ = await front(max_body=1000)
+    r = await client.post("/v1/completions", json={**BODY, "prompt": "x" * 2000})
+    assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
+    assert engine.bodies == []
+
+
+async def test_body_is_forwarded_byte_for_byte(front):
+    client, engine, _ = await front()
+    raw = b'{"model":"tiny",  "prompt":"x", "max_tokens":2, "seed": 123456789012345678901234567890, "t": NaN}'
+    r = await client.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert r.status == 200
+    assert engine.bodies[-1] == raw, "what the standard library accepts is passed on untouched"
+
+
+async def test_usage_is_counted_from_plain_and_streamed_answers(front):
+    client, _, rt = await front()
+    r = await client.post("/v1/completions", json={**BODY, "max_tokens": 4})
+    assert (await r.json())["usage"]["completion_tokens"] == 4
+    r = await client.post("/v1/completions", json={**BODY, "max_tokens": 6, "stream": True})
+    text = await r.text()
+    assert r.status == 200 and text.count("data: ") == 7
+    assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 10
+    assert sample(rt, "swapper_prompt_tokens_total", model="tiny") == 6
+    assert sample(rt, "swapper_requests_total", model="tiny", code="200") == 2
+    assert sample(rt, "swapper_time_to_first_byte_seconds_count", model="tiny") == 2
+    await client.post("/v1/completions", json={**BODY, "model": "ghost"})
+    assert sample(rt, "swapper_requests_total", model="unknown", code="404") == 1
+
+
+def test_usage_sniffer_takes_the_last_usage_object():
+    s = UsageSniffer()
+    s.feed(b'data: {"usage": {"completion_tokens": 1}}\n\ndata: {"text": "\\"usage\\": 5"}\n\n')
+    s.feed(b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 9, "x": {"y": 1}}}\n\n')
+    s.feed(b"data: [DONE]\n\n")
+    assert s.usage() == {"prompt_tokens": 2, "completion_tokens": 9, "x": {"y": 1}}
+    assert UsageSniffer().usage() is None
+    broken = UsageSniffer()
+    broken.feed(b'{"usage": {"completion_tokens": 3}, "text": "no \\"usage\\" here"}')
+    assert broken.usage() == {"completion_tokens": 3}, "an escaped mention is not a usage object"
+
+
+def test_usage_sniffer_keeps_the_tail_of_a_long_answer():
+    s = UsageSniffer(limit=4096)
+    for _ in range(500):
+        s.feed(b'data: {"choices": [{"text": "a"}]}\n\n')
+    s.feed(b'data: {"usage": {"completion_tokens": 500}}\n\n')
+    assert len(s.buf) <= 4096 + 65536 and s.usage() == {"completion_tokens": 500}
