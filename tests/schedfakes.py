@@ -196,8 +196,9 @@ class Node:
 
 
 def node(n: int, sizes: dict[str, int], budget: int, *, total: int = 24 << 30, device: dict[str, str] | None = None,
-         pinned: set[str] = frozenset(), **cfg: object) -> Node:
-    """`n` fake devices of `total` bytes, each planned with `budget`; models placed or pinned."""
+         pinned: set[str] = frozenset(), vllm: set[str] = frozenset(), **cfg: object) -> Node:
+    """`n` fake devices of `total` bytes, each planned with `budget`; models placed or pinned
+    (`vllm`: models on the engine that splits in equal shares)."""
     import dataclasses
 
     probes = [FakeProbe(total=total, index=i, name=f"fake GPU {i}") for i in range(n)]
@@ -205,7 +206,8 @@ def node(n: int, sizes: dict[str, int], budget: int, *, total: int = 24 << 30, d
     clock = FakeClock()
     launcher = FakeLauncher(probes[0], footprints=dict(sizes), devices=devices)
     est = FakeEstimator(dict(sizes))
-    cat = Catalog([dataclasses.replace(entry(m, pinned=m in pinned), device=(device or {}).get(m)) for m in sizes])
+    cat = Catalog([dataclasses.replace(entry(m, pinned=m in pinned), device=(device or {}).get(m),
+                                       engine="vllm" if m in vllm else "llamacpp") for m in sizes])
     config = SchedulerConfig(budget=SizeSpec(bytes=budget), reserve=0, **cfg)  # type: ignore[arg-type]
     sched = Scheduler(cat, probes, launcher, est, config, clock=clock, wall=clock)
     return Node(sched, launcher, devices, clock, est)

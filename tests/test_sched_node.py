@@ -19,11 +19,12 @@ BUDGET = 20 * GiB
 pytestmark = pytest.mark.asyncio
 
 
-async def run_trace(ndev: int, sizes: dict[str, int], steps: int, seed: int):  # noqa: ANN201
+async def run_trace(ndev: int, sizes: dict[str, int], steps: int, seed: int,  # noqa: ANN201
+                    vllm: set[str] = frozenset()):
     """Random requests (at most 3 streams held open at once) on `ndev` fake GPUs; checks every
     device against its budget after every event burst and that no model is stopped while it
     serves; returns the node and, per model, the device sets it was served from."""
-    n = node(ndev, sizes, BUDGET, max_wait=5.0, drain_timeout=600)
+    n = node(ndev, sizes, BUDGET, max_wait=5.0, drain_timeout=600, vllm=vllm)
     s, launcher = n.sched, n.launcher
     violations: list[str] = []
     real_stop = launcher.stop
@@ -52,7 +53,8 @@ async def run_trace(ndev: int, sizes: dict[str, int], steps: int, seed: int):  #
     for step in range(steps):
         if rng.random() < 0.6:
             hold = asyncio.Event()
-            holds.append((asyncio.create_task(client(rng.choice(names), hold)), hold))
+            name = names[len(holds)] if len(holds) < len(names) else rng.choice(names)  # each at least once
+            holds.append((asyncio.create_task(client(name, hold)), hold))
         busy = [h for h in holds if not h[1].is_set()]
         while len(busy) > 3 or (busy and rng.random() < 0.4):  # at most 3 streams at once
             busy.pop(rng.randrange(len(busy)))[1].set()
@@ -94,13 +96,16 @@ async def test_a_trace_of_twelve_models_on_four_gpus_keeps_every_device_in_budge
 
 @pytest.mark.parametrize("ndev,sizes", [
     (2, {"a3": 3, "b6": 6, "c10": 10, "d16": 16, "split30": 30}),
-    (8, {**{f"m{i}": 2 + 3 * (i % 6) for i in range(14)}, "split30": 30, "split50": 50, "split70": 70}),
+    (8, {**{f"m{i}": 2 + 3 * (i % 6) for i in range(14)}, "split30": 30, "split50": 50, "split70": 70,
+         "split_tp36": 36}),
 ])
 async def test_traces_on_two_and_eight_gpus_keep_every_device_in_budget(ndev, sizes):
-    _, served = await run_trace(ndev, {k: v * GiB for k, v in sizes.items()}, 160, seed=ndev)
+    _, served = await run_trace(ndev, {k: v * GiB for k, v in sizes.items()}, 160, seed=ndev, vllm={"split_tp36"})
     for big in (k for k in sizes if k.startswith("split")):
         least = -(-sizes[big] * GiB // BUDGET)  # devices it needs at the very least
         assert big in served and all(len(devs) >= least for devs in served[big]), served.get(big)
+    for devs in served.get("split_tp36", ()):
+        assert len(devs) in (2, 4, 8), "tensor parallelism over a power of two of GPUs"
 
 
 async def test_a_model_pinned_to_a_device_runs_there_with_only_that_device_given_to_it():
