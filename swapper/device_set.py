@@ -6,8 +6,9 @@ NVIDIA, then AMD, else the host), `nvidia:all`, `amd:all`, a list (`nvidia:0,2`)
 
 - Visibility: when swapper itself runs with `CUDA_VISIBLE_DEVICES` (NVIDIA) or
   `ROCR_VISIBLE_DEVICES` / `HIP_VISIBLE_DEVICES` (AMD) set, only the devices it lists (by index
-  or UUID, a UUID prefix as CUDA accepts it) are planned: NVML and AMD-SMI enumerate every
-  device regardless, so the variables are applied here.
+  or UUID, a UUID prefix as CUDA accepts it; a GPU in MIG mode named by index or UUID stands for
+  its instances) are planned: NVML and AMD-SMI enumerate every device regardless, so the
+  variables are applied here.
 - MIG: a GPU in MIG mode is planned as its MIG instances, one device each (`nvidia:0/mig1`,
   its memory and UUID from NVML), and a child sees its instance by UUID. CUDA shows a process
   one MIG instance at most, so a model is never split across MIG instances.
@@ -35,11 +36,11 @@ def _visible(env_var: str) -> list[str] | None:
 def _shown(p: Any, visible: list[str] | None) -> bool:
     if visible is None:
         return True
-    uuid = getattr(p, "uuid", None) or ""
+    uuids = [u for u in (getattr(p, "uuid", None), getattr(p, "parent_uuid", None)) if u]
     for v in visible:
-        if v == str(p.index) and not getattr(p, "mig", False):
+        if v == str(p.index):  # a GPU by index (for a GPU in MIG mode: its instances)
             return True
-        if uuid and len(v) >= 5 and uuid.startswith(v):
+        if len(v) >= 5 and any(u.startswith(v) for u in uuids):  # by UUID or a unique prefix
             return True
     return False
 

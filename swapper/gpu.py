@@ -98,7 +98,13 @@ class NvmlProbe:
         self._h = nvml.nvmlDeviceGetHandleByIndex(index)
         name = nvml.nvmlDeviceGetName(self._h)
         self.name = name.decode() if isinstance(name, bytes) else str(name)
+        self.parent_uuid: str | None = None
         if mig is not None:  # one MIG instance of the GPU: a device of its own, named by its UUID
+            try:
+                parent = nvml.nvmlDeviceGetUUID(self._h)
+                self.parent_uuid = parent.decode() if isinstance(parent, bytes) else str(parent)
+            except Exception:
+                pass
             try:
                 self._h = nvml.nvmlDeviceGetMigDeviceHandleByIndex(self._h, mig)
             except Exception as e:

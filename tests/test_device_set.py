@@ -121,6 +121,8 @@ def test_a_mig_instance_can_be_named_in_visibility_variables(nvidia, monkeypatch
     nvidia(count=2, mig={1})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1-1-abcdef")
     assert [probe_id(p) for p in detect_all("auto")] == ["nvidia:1/mig1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-11111111-2222")  # the MIG GPU itself: its instances
+    assert [probe_id(p) for p in detect_all("auto")] == ["nvidia:1/mig0", "nvidia:1/mig1"]
 
 
 def test_amd_all_plans_every_amd_gpu_and_honours_rocr_visible_devices(monkeypatch):
