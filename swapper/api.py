@@ -318,9 +318,6 @@ class Api:
                 status, message = err
                 return error_response(f"reload failed, previous settings kept: {message}", status,
                                       "invalid_request" if status == 400 else "internal_error")
-            bus = getattr(self.rt, "router_events", None)
-            if bus is not None:
-                bus.publish("*", "models_reload")
         created = int(self.rt.started_wall)
         return web.json_response({"object": "list", "data": [model_json(self.rt, m, created) for m in self._models()]})
 

@@ -120,19 +120,12 @@ class Runtime:
         A reload that fails keeps every previous setting and returns (status, message): 400 for
         a bad config, 500 for anything else (the models directory cannot be read, ...)."""
         st = self.settings
-        if self.reload_settings is not None:
-            try:
-                st = self.reload_settings()
-            except ConfigError as e:
-                log.error("reload: %s (keeping the previous settings)", e)
-                return 400, str(e)
-            except Exception as e:
-                log.exception("reload failed (keeping the previous settings)")
-                return 500, f"{e.__class__.__name__}: {e}"
-        merged = dataclasses.replace(self.settings, models=st.models, models_dir=st.models_dir,
-                                     defaults=st.defaults, preload=st.preload,
-                                     models_preset=st.models_preset)
         try:
+            if self.reload_settings is not None:
+                st = self.reload_settings()
+            merged = dataclasses.replace(self.settings, models=st.models, models_dir=st.models_dir,
+                                         defaults=st.defaults, preload=st.preload,
+                                         models_preset=st.models_preset)
             catalog = await asyncio.get_running_loop().run_in_executor(None, discover, merged)
         except ConfigError as e:
             log.error("reload: %s (keeping the previous settings)", e)
@@ -147,6 +140,9 @@ class Runtime:
         eager = {r.entry.id for r in map(catalog.resolve, self.settings.preload) if r is not None}
         self.scheduler.set_catalog(catalog, eager=eager)
         log.info("reloaded: %d models", len(catalog))
+        bus = getattr(self, "router_events", None)  # /models/sse listeners (router_api.py)
+        if bus is not None:
+            bus.publish("*", "models_reload")
         return None
 
 
