@@ -87,7 +87,16 @@ def model_json(rt: Runtime, m: Model, created: int) -> dict[str, Any]:
         "adapters": [a.name for a in e.adapters], "can_remove": e.source == "cache",
         "architecture": {"input_modalities": ["text", "image"] if e.mmproj else ["text"],
                          "output_modalities": ["text"]},
+        "devices": rt.scheduler.placement_of(m),  # device id -> bytes it holds there
     }
+
+
+def device_json(d: dict[str, Any]) -> dict[str, Any]:
+    """One planned device in the status document: its own budget, ledger, reading and models."""
+    r = d["reading"]
+    return {"id": d["id"], "name": d["name"], "uuid": d["uuid"], "capacity_bytes": d["capacity"],
+            "ledger_bytes": d["ledger"], "probe": {"total": r.total, "used": r.used, "free": r.free} if r else None,
+            "models": d["models"]}
 
 
 def adapter_json(rt: Runtime, m: Model, name: str, created: int) -> dict[str, Any]:
@@ -334,7 +343,7 @@ class Api:
             "models_autoload": self.rt.settings.models_autoload, "model_alias": "swapper", "model_path": "none",
             "swapper_version": __version__,
             "default_generation_settings": {"params": {}, "n_ctx": 0},
-            "budget_bytes": s.capacity, "device": f"{s.probe.kind}:{s.probe.index}",
+            "budget_bytes": s.capacity, "device": f"{s.probe.kind}:{s.probe.index}", "devices": list(s.probes),
         })
 
     # --------------------------------------------------------------------- admin
@@ -439,6 +448,7 @@ class Api:
             "models": [model_json(rt, m, created) for m in self._models()],
             "events": [ev.__dict__ for ev in list(s.events)[-50:]][::-1],
             "capacity_human": format_bytes(s.capacity),
+            "devices": [device_json(d) for d in s.device_view()],
         }
 
     async def status(self, request: web.Request) -> web.Response:

@@ -28,13 +28,15 @@ from .catalog import Catalog, ModelEntry, build_catalog
 from .config import ConfigError, Settings, load_settings
 from .errors import JsonErrorRunner
 from .estimate import Estimate, Estimator, FootprintStore
-from .gpu import MemoryProbe, detect
+from .device_set import detect_all
+from .gpu import MemoryProbe
 from .launcher import ProcessLauncher
 from .metrics import Metrics
 from .prefetch import Prefetcher
 from .process import raise_nofile_limit
 from .proxy import AUDIO_PREFIX, MODEL_ROUTES, Proxy
 from .scheduler import Launcher, Scheduler, SchedulerConfig, SwapEvent
+from .sched.settings import DeviceLimits
 from .systemd import notify
 
 log = logging.getLogger("swapper")
@@ -45,7 +47,8 @@ def scheduler_config(st: Settings) -> SchedulerConfig:
     return SchedulerConfig(
         budget=st.budget, reserve=st.reserve, host_budget=st.host_budget, max_models=st.max_models,
         queue_size=st.queue.size, queue_timeout=st.queue.timeout, max_wait=st.queue.max_wait,
-        idle_ttl=st.idle_ttl, drain_timeout=st.drain_timeout, prefetch=st.prefetch)
+        idle_ttl=st.idle_ttl, drain_timeout=st.drain_timeout, prefetch=st.prefetch,
+        devices={k: DeviceLimits(d.budget, d.reserve) for k, d in st.devices.items()})
 
 
 def discover(st: Settings) -> Catalog:
@@ -143,10 +146,11 @@ class Runtime:
         return None
 
 
-def build_runtime(st: Settings, probe: MemoryProbe | None = None, launcher: Launcher | None = None,
-                  reload_settings: Callable[[], Settings] | None = None,
+def build_runtime(st: Settings, probe: MemoryProbe | list[MemoryProbe] | None = None,
+                  launcher: Launcher | None = None, reload_settings: Callable[[], Settings] | None = None,
                   clock: Callable[[], float] = time.monotonic) -> Runtime:
-    probe = probe or detect(st.device)
+    probes = list(probe) if isinstance(probe, (list, tuple)) else [probe] if probe else detect_all(st.device)
+    probe = probes[0]
     catalog = discover(st)
     estimator = Estimator(FootprintStore(st.state_path / "footprints.json"), probe.kind)
     metrics = Metrics()
@@ -154,8 +158,8 @@ def build_runtime(st: Settings, probe: MemoryProbe | None = None, launcher: Laun
     if launcher is None:
         host_total = probe.memory().total if probe.kind == "host" else _host_total()
         prefetcher = Prefetcher(st.host_budget.resolve(host_total), enabled=st.prefetch)
-        launcher = ProcessLauncher(st, probe, lambda: holder["rt"].session, prefetcher)
-    sched = Scheduler(catalog, probe, launcher, estimator, scheduler_config(st), clock=clock)
+        launcher = ProcessLauncher(st, probes, lambda: holder["rt"].session, prefetcher)
+    sched = Scheduler(catalog, probes, launcher, estimator, scheduler_config(st), clock=clock)
     rt = Runtime(st, catalog, sched, launcher, probe, estimator, metrics, reload_settings)
     holder["rt"] = rt
     metrics.known = lambda name: name in sched.models
@@ -312,9 +316,11 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
         log.error("cannot listen on %s:%s: %s", st.listen.host, st.listen.port, e.strerror or e)
         await runner.cleanup()
         return 1
-    log.info("swapper listening on http://%s:%d with %d models (device %s:%d %s, budget %s)",
+    per_device = "" if len(rt.scheduler.probes) == 1 else " over " + ", ".join(
+        f"{d['id']} {_fmt(d['capacity'])}" for d in rt.scheduler.device_view())
+    log.info("swapper listening on http://%s:%d with %d models (device %s:%d %s, budget %s%s)",
              st.listen.host, st.listen.port, len(rt.catalog), rt.probe.kind, rt.probe.index, rt.probe.name,
-             _fmt(rt.scheduler.capacity))
+             _fmt(rt.scheduler.capacity), per_device)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,6 +61,7 @@ class ModelEntry:
     preset_ini: str | None = None  # llama.cpp INI preset text (`status.preset`)
     hidden: bool = False  # left out of listings (dedup-cache-models), still served by name
     startup: bool = False  # load-on-startup (INI presets)
+    device: str | None = None  # the one device it must run on ("nvidia:1"); None: placed
 
     def adapter(self, name: str) -> Adapter | None:
         return next((a for a in self.adapters if a.name == name), None)
@@ -232,6 +233,7 @@ def _entry(st: Settings, name: str, engine: str, path: Path | None, source: str,
         args=tuple(d.args) + tuple(spec.args), env=tuple(sorted(env.items())),
         pinned=spec.pinned or name in st.pin, idle_ttl=spec.idle_ttl, adapters=adapters,
         sleep=spec.sleep, footprint=spec.footprint, chat_template=_chat_template(st, engine, spec),
+        device=spec.device,
     )
 
 

@@ -142,10 +142,10 @@ def _models(ns: argparse.Namespace) -> int:
     catalog = discover(st)
     kind = "host"
     if not ns.no_estimate:
-        from .gpu import detect
+        from .device_set import detect_all
 
         try:
-            kind = detect(st.device).kind
+            kind = detect_all(st.device)[0].kind
         except Exception:
             kind = "host"
     est = Estimator(FootprintStore(st.state_path / "footprints.json"), kind)
@@ -182,34 +182,41 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def _gpu(ns: argparse.Namespace) -> int:
-    from .gpu import all_probes, detect
+    from .device_set import detect_all
+    from .gpu import all_probes, probe_id
 
+    planned_probes: list = []
+    try:
+        planned_probes = detect_all(ns.device)
+        selected = ", ".join(probe_id(p) for p in planned_probes)
+    except Exception as e:
+        selected = f"error: {e}"
+    planned = [probe_id(p) for p in planned_probes]
+    probes = all_probes()
+    known = {probe_id(p) for p in probes}
+    probes += [p for p in planned_probes if probe_id(p) not in known]  # MIG instances, by their own id
     out = []
-    for p in all_probes():
+    for p in probes:
+        row = {"id": probe_id(p), "kind": p.kind, "index": p.index, "name": p.name, "planned": probe_id(p) in planned}
         try:
             mem = p.memory()
             procs = [{"pid": x.pid, "bytes": x.bytes} for x in p.processes()]
-            out.append({"kind": p.kind, "index": p.index, "name": p.name, "total": mem.total, "used": mem.used,
-                        "free": mem.free, "offload": p.offload, "processes": procs})
+            out.append({**row, "total": mem.total, "used": mem.used, "free": mem.free, "offload": p.offload,
+                        "processes": procs})
         except Exception as e:
-            out.append({"kind": p.kind, "index": p.index, "name": p.name, "error": str(e)})
-    try:
-        chosen = detect(ns.device)
-        selected = f"{chosen.kind}:{chosen.index}"
-    except Exception as e:
-        selected = f"error: {e}"
+            out.append({**row, "error": str(e)})
     if ns.json:
-        print(json.dumps({"selected": selected, "devices": out}, indent=2))
+        print(json.dumps({"selected": selected, "planned": planned, "devices": out}, indent=2))
         return 0
-    print(f"device used by 'swapper serve --device {ns.device}': {selected}")
-    rows = [[f"{d['kind']}:{d['index']}", d["name"], format_bytes(d.get("total", 0)), format_bytes(d.get("used", 0)),
+    print(f"devices planned by 'swapper serve --device {ns.device}' (marked *): {selected}")
+    rows = [[d["id"] + (" *" if d["planned"] else ""), d["name"], format_bytes(d.get("total", 0)), format_bytes(d.get("used", 0)),
              format_bytes(d.get("free", 0)), str(len(d.get("processes", []))) if "error" not in d else d["error"]]
             for d in out]
     _print_table(["DEVICE", "NAME", "TOTAL", "USED", "FREE", "PROCESSES"], rows)
     for d in out:
         for proc in d.get("processes", []):
             b = format_bytes(proc["bytes"]) if proc["bytes"] is not None else "?"
-            print(f"  {d['kind']}:{d['index']} pid {proc['pid']}: {b}")
+            print(f"  {d['id']} pid {proc['pid']}: {b}")
     return 0
 
 

@@ -84,6 +84,15 @@ class ModelSpec:
     mmproj: str | None = None
     footprint: int | None = None  # bytes; overrides estimate and learned footprint
     chat_template: str | None = None  # llama.cpp built-in name (`gemma`) or a Jinja file
+    device: str | None = None  # the one device it runs on (`nvidia:1`); None: placed by the scheduler
+
+
+@dataclass
+class DeviceSpec:
+    """One device's own budget and reserve (`devices: {nvidia:1: {budget: 60GiB}}`)."""
+
+    budget: SizeSpec | None = None
+    reserve: int | None = None
 
 
 @dataclass
@@ -92,6 +101,7 @@ class Settings:
     models_dir: str | None = None
     state_dir: str = "~/.cache/swapper"
     device: str = "auto"
+    devices: dict[str, DeviceSpec] = field(default_factory=dict)  # per-device budget and reserve
     budget: SizeSpec = field(default_factory=lambda: SizeSpec(fraction=0.9))
     reserve: int = 512 << 20
     host_budget: SizeSpec = field(default_factory=lambda: SizeSpec(bytes=16 << 30))
@@ -231,13 +241,23 @@ def _choice(*options: str) -> Callable[[Any], str]:
 
 
 def _device(v: Any) -> str:
-    s = _str(v).lower()
+    s = _str(v).lower().replace(" ", "")
     if s in ("auto", "cpu"):
         return s
     kind, _, idx = s.partition(":")
-    if kind in ("nvidia", "amd") and (idx == "" or idx.isdigit()):
+    if kind in ("nvidia", "amd") and (idx == "" or idx == "all" or all(x.isdigit() for x in idx.split(","))):
         return f"{kind}:{idx or 0}"
-    raise ValueError(f"expected auto, cpu, nvidia:N or amd:N, got {v!r}")
+    raise ValueError(f"expected auto, cpu, nvidia:N, nvidia:all, nvidia:0,2 (or amd:...), got {v!r}")
+
+
+def _device_id(v: Any) -> str:
+    """One device as metrics and status name it: nvidia:1, amd:0, nvidia:0/mig1."""
+    s = _str(v).lower()
+    kind, _, rest = s.partition(":")
+    idx, _, mig = rest.partition("/mig")
+    if kind in ("nvidia", "amd", "host", "fake") and idx.isdigit() and (not mig or mig.isdigit() and kind == "nvidia"):
+        return s
+    raise ValueError(f"expected one device such as nvidia:1, amd:0 or nvidia:0/mig1, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -262,7 +282,7 @@ OPTIONS: list[Option] = [
     Option("listen.host", "--host", _str, "address to listen on (default 127.0.0.1)", metavar="ADDR"),
     Option("listen.port", "--port", _port, "port to listen on (default 8080)", metavar="N"),
     Option("state_dir", "--state-dir", _str, "learned footprints, built engines, child temp dirs", metavar="DIR"),
-    Option("device", "--device", _device, "auto | cpu | nvidia:N | amd:N", metavar="D"),
+    Option("device", "--device", _device, "auto | cpu | nvidia:N | nvidia:all | nvidia:0,2 | amd:...", metavar="D"),
     Option("budget", "--budget", parse_size_spec, "memory for models: 20GiB or a share such as 90%", metavar="SIZE|PCT"),
     Option("reserve", "--reserve", parse_size, "memory never planned for (default 512MiB)", metavar="SIZE"),
     Option("host_budget", "--host-budget", parse_size_spec, "host RAM for the warm tier (sleeping models, page cache)", metavar="SIZE|PCT"),
@@ -297,8 +317,8 @@ _LISTEN_KEYS = {"host", "port"}
 _ENGINE_KEYS = {"command", "args", "env"}
 _DEFAULT_KEYS = {"engine", "ctx_size", "parallel", "args", "env", "chat_template"}
 _MODEL_KEYS = {"path", "source", "engine", "aliases", "ctx_size", "parallel", "args", "env", "pinned",
-               "idle_ttl", "adapters", "sleep", "mmproj", "footprint", "chat_template"}
-_TOP_EXTRA = {"engines", "defaults", "models"}
+               "idle_ttl", "adapters", "sleep", "mmproj", "footprint", "chat_template", "device"}
+_TOP_EXTRA = {"engines", "defaults", "models", "devices"}
 
 
 # ------------------------------------------------------------------------------- layers
@@ -441,6 +461,8 @@ def load_settings(ns: argparse.Namespace | None = None, env: Mapping[str, str] |
         _apply_defaults(st, raw, source)
     for raw, source in sections.get("models", []):
         _apply_models(st, raw, source)
+    for raw, source in sections.get("devices", []):
+        _apply_devices(st, raw, source)
     router = getattr(ns, "router", None) if ns is not None else None
     if router is not None:  # llama-server flags of a router command line (router_cli.py)
         router.apply(st)
@@ -548,8 +570,19 @@ _MODEL_PARSERS: dict[str, Callable[[Any], Any]] = {
     "path": _str, "source": _str, "engine": _engine_name, "aliases": _str_list, "ctx_size": _int,
     "parallel": _positive, "args": _args, "env": _env, "pinned": _bool, "idle_ttl": parse_duration,
     "adapters": _adapters, "sleep": _bool, "mmproj": _str, "footprint": _optional_size,
-    "chat_template": _str,
+    "chat_template": _str, "device": _device_id,
 }
+
+
+def _apply_devices(st: Settings, raw: Any, source: str) -> None:
+    for name, spec in _mapping(raw, source, "devices").items():
+        did = _field(source, f"devices.{name}", _device_id, name)
+        d = st.devices.setdefault(did, DeviceSpec())
+        for k, v in _mapping(spec, source, f"devices.{name}").items():
+            parse = {"budget": parse_size_spec, "reserve": parse_size}.get(k)
+            if parse is None:
+                raise ConfigError(source, f"devices.{name}.{k}", "unknown key; expected budget or reserve")
+            setattr(d, k, _field(source, f"devices.{name}.{k}", parse, v))
 
 
 def _apply_models(st: Settings, raw: Any, source: str) -> None:
@@ -593,6 +626,9 @@ def render_yaml(st: Settings) -> str:
         "listen": {"host": st.listen.host, "port": st.listen.port},
         "models_dir": st.models_dir, "state_dir": st.state_dir, "device": st.device,
         "budget": size(st.budget), "reserve": st.reserve, "host_budget": size(st.host_budget),
+        **({"devices": {k: {**({"budget": size(d.budget)} if d.budget else {}),
+                            **({"reserve": d.reserve} if d.reserve is not None else {})}
+                        for k, d in st.devices.items()}} if st.devices else {}),
         "max_models": st.max_models, "models_preset": st.models_preset, "models_autoload": st.models_autoload,
         "queue": {"size": st.queue.size, "timeout": st.queue.timeout, "max_wait": st.queue.max_wait},
         "load_timeout": st.load_timeout, "drain_timeout": st.drain_timeout, "idle_ttl": st.idle_ttl,

@@ -126,13 +126,17 @@ class Control:
 
     def memory(self) -> dict[str, Any]:
         s = self.rt.scheduler
-        try:
-            mem = s.probe.memory()
-            total, used = mem.total, mem.used
-        except Exception:
-            total = used = None
-        resident = [{"id": m.id, "bytes": m.measured or m.reserved, "state": m.state.public}
-                    for m in s.models.values() if m.reserved and m.holds_device]
+        states = {m.id: m.state.public for m in s.models.values()}
+        devices = []
+        for d in s.device_view():
+            try:
+                mem = s.probes[d["id"]].memory()
+                total, used = mem.total, mem.used
+            except Exception:
+                total = used = None
+            resident = [{"id": mid, "bytes": b, "state": states.get(mid, "loaded")} for mid, b in d["models"].items()]
+            devices.append({"name": d["id"], "label": d["name"], "total": total, "used": used,
+                            "capacity": d["capacity"], "ledger": d["ledger"], "models": resident})
         sleeping = [{"id": m.id, "bytes": m.host_reserved} for m in s.models.values() if m.state.value == "sleeping"]
         warm: list[dict[str, Any]] = []
         pf = getattr(self.rt.launcher, "prefetcher", None)
@@ -140,8 +144,7 @@ class Control:
             with contextlib.suppress(RuntimeError):  # changed under us by its thread: next tick
                 warm = [{"id": k, "bytes": e.size} for k, e in list(pf.warm.items())]
         return {
-            "devices": [{"name": f"{s.probe.kind}:{s.probe.index}", "label": s.probe.name, "total": total,
-                         "used": used, "capacity": s.capacity, "ledger": s.ledger_used(), "models": resident}],
+            "devices": devices,
             "host": {"capacity": s.host_capacity, "used": s.host_used(), "sleeping": sleeping, "warm": warm},
         }
 

@@ -9,7 +9,8 @@ One small interface (`MemoryProbe`) with three real implementations and a fake:
   several processes;
 - `FakeProbe`: settable numbers for tests.
 `detect("auto" | "cpu" | "nvidia:N" | "amd:N")` picks one; `auto` tries NVML, then AMD-SMI, then
-the host.
+the host. Several devices at once (`nvidia:all`, `nvidia:0,2`, MIG instances, the visibility
+variables) are `device_set.py`'s concern; each device still gets one probe from here.
 """
 
 from __future__ import annotations
@@ -68,11 +69,17 @@ def _sum_visible(procs: list[ProcessUse], pids: Iterable[int]) -> int | None:
 # ------------------------------------------------------------------------------- NVIDIA
 
 
+def probe_id(p: Any) -> str:
+    """A device's name in settings, metrics and status: `nvidia:1`, `nvidia:0/mig1`, `host:0`."""
+    return getattr(p, "id", None) or f"{p.kind}:{p.index}"
+
+
 class NvmlProbe:
     kind = "nvidia"
     offload = True
+    mig = False
 
-    def __init__(self, index: int = 0, nvml: Any = None):
+    def __init__(self, index: int = 0, nvml: Any = None, mig: int | None = None):
         if nvml is None:
             try:
                 import pynvml as nvml  # type: ignore[no-redef]
@@ -87,9 +94,22 @@ class NvmlProbe:
         if not 0 <= index < count:
             raise ProbeError(f"no NVIDIA device {index} (found {count})")
         self.index = index
+        self.id = f"nvidia:{index}"
         self._h = nvml.nvmlDeviceGetHandleByIndex(index)
         name = nvml.nvmlDeviceGetName(self._h)
         self.name = name.decode() if isinstance(name, bytes) else str(name)
+        self.parent_uuid: str | None = None
+        if mig is not None:  # one MIG instance of the GPU: a device of its own, named by its UUID
+            try:
+                parent = nvml.nvmlDeviceGetUUID(self._h)
+                self.parent_uuid = parent.decode() if isinstance(parent, bytes) else str(parent)
+            except Exception:
+                pass
+            try:
+                self._h = nvml.nvmlDeviceGetMigDeviceHandleByIndex(self._h, mig)
+            except Exception as e:
+                raise ProbeError(f"no MIG instance {mig} on NVIDIA device {index}: {e}") from e
+            self.mig, self.id, self.name = True, f"nvidia:{index}/mig{mig}", f"{self.name} MIG {mig}"
         try:
             uuid = nvml.nvmlDeviceGetUUID(self._h)
             self.uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
@@ -161,6 +181,7 @@ def import_amdsmi() -> Any | None:
 class AmdSmiProbe:
     kind = "amd"
     offload = True
+    mig = False
 
     def __init__(self, index: int = 0, amdsmi: Any = None):
         amdsmi = amdsmi or import_amdsmi()
@@ -180,6 +201,10 @@ class AmdSmiProbe:
             self.name = str(amdsmi.amdsmi_get_gpu_asic_info(self._h).get("market_name") or "AMD GPU")
         except Exception:
             self.name = "AMD GPU"
+        try:
+            self.uuid: str | None = str(amdsmi.amdsmi_get_gpu_device_uuid(self._h)) or None
+        except Exception:
+            self.uuid = None
 
     @staticmethod
     def count(amdsmi: Any = None) -> int:
@@ -220,7 +245,9 @@ class AmdSmiProbe:
         return _sum_visible(self.processes(), pids)
 
     def child_env(self) -> dict[str, str]:
-        return {"HIP_VISIBLE_DEVICES": str(self.index), "ROCR_VISIBLE_DEVICES": str(self.index)}
+        # ROCR picks the physical GPU (by UUID where known); HIP's index counts within what ROCR
+        # left visible, so it is 0 (HIP=N on top of ROCR=N would name a device that is not there)
+        return {"ROCR_VISIBLE_DEVICES": self.uuid or str(self.index), "HIP_VISIBLE_DEVICES": "0"}
 
 
 # --------------------------------------------------------------------------------- host

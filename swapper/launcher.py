@@ -24,7 +24,8 @@ from . import backends
 from .backends.base import Backend
 from .catalog import ModelEntry
 from .config import Settings
-from .gpu import MemoryProbe
+from .device_set import DeviceGroup
+from .gpu import MemoryProbe, probe_id
 from .prefetch import Prefetcher
 from .process import ChildExited, ChildProcess, free_port
 from .scheduler import LoadError
@@ -62,10 +63,12 @@ class ChildInstance:
 
 
 class ProcessLauncher:
-    def __init__(self, settings: Settings, probe: MemoryProbe, session_factory: Callable[[], aiohttp.ClientSession],
-                 prefetcher: Prefetcher | None = None):
+    def __init__(self, settings: Settings, probe: MemoryProbe | list[MemoryProbe],
+                 session_factory: Callable[[], aiohttp.ClientSession], prefetcher: Prefetcher | None = None):
         self.settings = settings
-        self.probe = probe
+        probes = list(probe) if isinstance(probe, (list, tuple)) else [probe]
+        self.probe = probes[0]
+        self.probes = {probe_id(p): p for p in probes}
         self._session_factory = session_factory
         self._backends: dict[str, Backend] = {}
         self.children: dict[str, ChildInstance] = {}
@@ -95,21 +98,32 @@ class ProcessLauncher:
         except Exception:
             return False
 
-    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None]) -> ChildInstance:
+    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None], *,
+                    placement: dict[str, float] | None = None) -> ChildInstance:
         try:
             backend = self.backend(entry.engine)
-        except Exception as e:  # unknown engine
+            group = self.group(placement)
+        except Exception as e:  # unknown engine or device
             raise LoadError(str(e)) from e
-        return await self._start(entry, backend, reserved, on_exit)
+        return await self._start(entry, backend, reserved, on_exit, group)
+
+    def group(self, placement: dict[str, float] | None) -> DeviceGroup:
+        """The devices a child sees (only those), in the scheduler's split proportions."""
+        if not placement:
+            return DeviceGroup([self.probe], (1.0,))
+        missing = [d for d in placement if d not in self.probes]
+        if missing:
+            raise ValueError(f"device(s) {', '.join(missing)} not planned")
+        return DeviceGroup([self.probes[d] for d in placement], tuple(placement.values()))
 
     async def _start(self, entry: ModelEntry, backend: Backend, reserved: int,
-                     on_exit: Callable[[int | None], None]) -> ChildInstance:
+                     on_exit: Callable[[int | None], None], group: DeviceGroup) -> ChildInstance:
         workdir = ""
         try:
             port = free_port()
             workdir = self._workdir(entry)
             # off the event loop: a start may read model headers (GGUF chat template, config.json)
-            spec = await asyncio.to_thread(backend.start_spec, entry, port, self.probe, reserved, workdir)
+            spec = await asyncio.to_thread(backend.start_spec, entry, port, group, reserved, workdir)
         except Exception as e:  # engine not installed, bad model entry, ...
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)

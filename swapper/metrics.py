@@ -116,7 +116,6 @@ class _SchedulerCollector:
         s = self.metrics._scheduler
         if s is None:
             return []
-        dev = f"{s.probe.kind}:{s.probe.index}"
         depth = GaugeMetricFamily("swapper_queue_depth", "Requests waiting for a model (including cold swaps).", labels=["model"])
         queued = GaugeMetricFamily("swapper_queued_requests", "Requests waiting for any model (including cold swaps).")
         running = GaugeMetricFamily("swapper_running_requests", "Requests being served by any model.")
@@ -129,6 +128,8 @@ class _SchedulerCollector:
         probe_used = GaugeMetricFamily("swapper_probe_used_bytes", "Used memory as the probe reports it.", labels=["device"])
         probe_total = GaugeMetricFamily("swapper_probe_total_bytes", "Total memory as the probe reports it.", labels=["device"])
         host = GaugeMetricFamily("swapper_host_used_bytes", "Host bytes held by sleeping models.")
+        placed = GaugeMetricFamily("swapper_model_device_bytes", "Bytes each model holds on each device.",
+                                   labels=["model", "device"])
         n_res = n_queued = n_running = 0
         for m in s.models.values():
             waiting = sum(1 for w in m.queue if w.counts)
@@ -145,17 +146,21 @@ class _SchedulerCollector:
         resident.add_metric([], n_res)
         queued.add_metric([], n_queued)
         running.add_metric([], n_running)
-        cap.add_metric([dev], s.capacity)
-        ledger.add_metric([dev], s.ledger_used())
-        try:
-            mem = s.probe.memory()
-            probe_used.add_metric([dev], mem.used)
-            probe_total.add_metric([dev], mem.total)
-        except Exception:
-            pass
+        for d in s.device_view():  # one series per planned device
+            dev = d["id"]
+            cap.add_metric([dev], d["capacity"])
+            ledger.add_metric([dev], d["ledger"])
+            for model, nbytes in d["models"].items():
+                placed.add_metric([model, dev], nbytes)
+            try:
+                mem = s.probes[dev].memory()
+                probe_used.add_metric([dev], mem.used)
+                probe_total.add_metric([dev], mem.total)
+            except Exception:
+                pass
         host.add_metric([], s.host_used())
         return [depth, queued, inflight, running, state, footprint, resident, cap, ledger, probe_used,
-                probe_total, host]
+                probe_total, host, placed]
 
 
 def _known_estimate(s: Scheduler, m: Model) -> int | None:

@@ -83,7 +83,8 @@ class FakeLauncher:
     stops: list[str] = field(default_factory=list)
     children: dict[str, FakeChild] = field(default_factory=dict)
 
-    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None]) -> FakeChild:
+    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None], *,
+                    placement: dict[str, float] | None = None) -> FakeChild:
         self.starts.append(entry.id)
         child: FakeChild
 

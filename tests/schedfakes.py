@@ -60,16 +60,35 @@ class FakeLauncher:
     gates: dict[str, asyncio.Future] = field(default_factory=dict)
     exits: dict[str, Callable[[int | None], None]] = field(default_factory=dict)
     instances: dict[str, FakeInstance] = field(default_factory=dict)
+    devices: dict[str, FakeProbe] = field(default_factory=dict)  # several devices: id -> probe
+    placements: dict[str, dict[str, float]] = field(default_factory=dict)  # the last start's placement
 
-    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None]) -> FakeInstance:
+    def _probes(self, model: str) -> list[tuple[FakeProbe, float]]:
+        """Where a child's memory lies: its placement's devices, in its proportions."""
+        place = self.placements.get(model)
+        if not self.devices or not place:
+            return [(self.probe, 1.0)]
+        return [(self.devices[d], f) for d, f in place.items()]
+
+    def _hold(self, model: str, pid: int, nbytes: int) -> None:
+        for probe, frac in self._probes(model):
+            probe.per_pid[pid] = int(nbytes * frac)
+
+    def _drop(self, model: str, pid: int) -> None:
+        for probe, _ in self._probes(model):
+            probe.per_pid.pop(pid, None)
+
+    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None], *,
+                    placement: dict[str, float] | None = None) -> FakeInstance:
         self.starts.append(entry.id)
+        self.placements[entry.id] = dict(placement or {})
         if not self.auto:
             gate = self.gates[entry.id] = asyncio.get_running_loop().create_future()
             await gate
         if entry.id in self.fail:
             raise LoadError("boom", exit_code=1, log_tail=["error: cannot load model"])
         inst = FakeInstance(entry.id, next(_pids))
-        self.probe.per_pid[inst.pid] = self.footprints.get(entry.id, reserved)
+        self._hold(entry.id, inst.pid, self.footprints.get(entry.id, reserved))
         self.exits[entry.id] = on_exit
         self.instances[entry.id] = inst
         return inst
@@ -80,12 +99,12 @@ class FakeLauncher:
     async def stop(self, instance: FakeInstance, entry: ModelEntry) -> None:
         self.stops.append(entry.id)
         instance.alive = False
-        self.probe.per_pid.pop(instance.pid, None)
+        self._drop(entry.id, instance.pid)
 
     def crash(self, model: str, code: int = 137) -> None:
         inst = self.instances[model]
         inst.alive = False
-        self.probe.per_pid.pop(inst.pid, None)
+        self._drop(model, inst.pid)
         self.exits[model](code)
 
     def can_sleep(self, entry: ModelEntry) -> bool:
@@ -93,11 +112,11 @@ class FakeLauncher:
 
     async def sleep(self, instance: FakeInstance, entry: ModelEntry) -> None:
         self.sleeps.append(entry.id)
-        self.probe.per_pid[instance.pid] = 0  # device memory released, process alive
+        self._hold(entry.id, instance.pid, 0)  # device memory released, process alive
 
     async def wake(self, instance: FakeInstance, entry: ModelEntry) -> None:
         self.wakes.append(entry.id)
-        self.probe.per_pid[instance.pid] = self.footprints.get(entry.id, 0)
+        self._hold(entry.id, instance.pid, self.footprints.get(entry.id, 0))
 
     def prefetch(self, entry: ModelEntry) -> None:
         self.prefetched.append(entry.id)
@@ -156,3 +175,39 @@ def world(sizes: dict[str, int], capacity: int, *, total: int = 64 << 30, pinned
     config = SchedulerConfig(budget=SizeSpec(bytes=capacity), reserve=0, backoff_base=1.0, **cfg)  # type: ignore[arg-type]
     sched = Scheduler(cat, probe, launcher, est, config, clock=clock, wall=clock)
     return World(sched, launcher, probe, clock, est)
+
+
+@dataclass
+class Node:
+    """A scheduler planning several fake devices (a multi-GPU node)."""
+
+    sched: Scheduler
+    launcher: FakeLauncher
+    devices: dict[str, FakeProbe]
+    clock: FakeClock
+    est: FakeEstimator
+
+    async def spin(self, n: int = 30) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    def used(self) -> dict[str, int]:
+        return {d: p.memory().used for d, p in self.devices.items()}
+
+
+def node(n: int, sizes: dict[str, int], budget: int, *, total: int = 24 << 30, device: dict[str, str] | None = None,
+         pinned: set[str] = frozenset(), vllm: set[str] = frozenset(), **cfg: object) -> Node:
+    """`n` fake devices of `total` bytes, each planned with `budget`; models placed or pinned
+    (`vllm`: models on the engine that splits in equal shares)."""
+    import dataclasses
+
+    probes = [FakeProbe(total=total, index=i, name=f"fake GPU {i}") for i in range(n)]
+    devices = {f"fake:{i}": p for i, p in enumerate(probes)}
+    clock = FakeClock()
+    launcher = FakeLauncher(probes[0], footprints=dict(sizes), devices=devices)
+    est = FakeEstimator(dict(sizes))
+    cat = Catalog([dataclasses.replace(entry(m, pinned=m in pinned), device=(device or {}).get(m),
+                                       engine="vllm" if m in vllm else "llamacpp") for m in sizes])
+    config = SchedulerConfig(budget=SizeSpec(bytes=budget), reserve=0, **cfg)  # type: ignore[arg-type]
+    sched = Scheduler(cat, probes, launcher, est, config, clock=clock, wall=clock)
+    return Node(sched, launcher, devices, clock, est)

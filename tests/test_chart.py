@@ -316,7 +316,7 @@ def test_schema_config_keys_follow_swappers_settings():
     """Every setting swapper knows is either owned by the chart or allowed in `config`."""
     schema = json.loads((CHART / "values.schema.json").read_text())
     cfg = schema["properties"]["config"]["properties"]
-    top = {o.key.split(".")[0] for o in swcfg.OPTIONS} | {"engines", "defaults", "models"}
+    top = {o.key.split(".")[0] for o in swcfg.OPTIONS} | {"engines", "defaults", "models", "devices"}
     owned = {"listen", "models_dir", "state_dir", "drain_timeout", "preload", "pin", "api_keys", "api_key_file",
              "admin_keys"}
     assert set(cfg) - {"cors_origin"} == top - owned

@@ -109,7 +109,8 @@ def test_amdsmi_probe_reads_vram_and_processes():
     m = p.memory()
     assert (m.total, m.used, m.free) == (192 * GiB, 20 * GiB, 172 * GiB)
     assert p.process_bytes([77]) == 5 * GiB
-    assert p.child_env() == {"HIP_VISIBLE_DEVICES": "1", "ROCR_VISIBLE_DEVICES": "1"}
+    # ROCR picks the GPU; HIP's index counts within what ROCR leaves visible, so it is 0
+    assert p.child_env() == {"ROCR_VISIBLE_DEVICES": "1", "HIP_VISIBLE_DEVICES": "0"}
 
 
 def test_device_choice_picks_the_probe(monkeypatch):

@@ -65,6 +65,9 @@ class LlamaCppBackend(Backend):
         argv += chat_template.llamacpp_args(entry.chat_template, entry.path, extra)
         if not any(a == "--threads-http" or a.startswith("--threads-http=") for a in extra):
             argv += ["--threads-http", str(max(LLAMA_HTTP_THREADS, entry.parallel + 4))]
+        split = getattr(probe, "split", ())
+        if len(split) > 1 and probe.offload:  # split by layers, in proportion to each device's room
+            argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{f:.4f}" for f in split)]
         argv += extra
         env = {**eng.env, **dict(entry.env), **probe.child_env()}
         return StartSpec(argv=argv, env=env, health_path="/health")

@@ -270,6 +270,9 @@ class VllmBackend(Backend):
         if entry.adapters:
             argv += ["--enable-lora", "--lora-modules", *[f"{a.name}={a.path}" for a in entry.adapters]]
         argv += chat_template.vllm_args(entry.chat_template, user)
+        devices = len(getattr(probe, "split", ()))
+        if devices > 1 and not _has_flag(user, "--tensor-parallel-size"):  # equal shares, one per device
+            argv += ["--tensor-parallel-size", str(devices)]
         argv += user
         tmp = short_alias(workdir)
         env = {

@@ -7,7 +7,9 @@
 | `core.py` | the decision core: one handler per event (pure, synchronous) |
 | `admission.py` | the core's decisions after every event: grants, starts, evictions, drains, TTL |
 | `planner.py` | `plan_eviction`, a pure function |
-| `ledger.py` | capacity, reservations and room, from numbers and a probe reading |
+| `placement.py` | which device(s) a model loads on and its victims there, a pure function |
+| `devices.py` | the core's devices: one ledger and reading each; the glue to placement |
+| `ledger.py` | capacity, reservations and room, from numbers and a probe reading (per device) |
 | `runner.py` | `Scheduler`: commands (acquire, load, unload, pin, catalog), the read-only view, ticks |
 | `effects.py` | the effects runner at the edge: launcher tasks, probe reads, futures; outcomes fed back as events |
 | `errors.py` | domain errors (no HTTP codes: `swapper/errors.py` maps them) |

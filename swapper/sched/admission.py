@@ -6,9 +6,12 @@ allows and runs after each event. The rules (README, "Scheduling"):
 - queued models are considered oldest-waiter first; one that fits starts, one that does not
   claims idle least-recently-used victims (AWAITING_ROOM) and starts once they are stopped
   and the probe shows the memory free;
-- a model queued behind a blocked one starts only if it evicts nothing, and only until the
-  blocked one has waited `max_wait`; after that, busy victims are drained for it;
-- loads are serial while the driver hides per-process memory, and for serial-start engines.
+- a model queued behind a blocked one starts only if it evicts nothing on the blocked one's
+  devices, and only until the blocked one has waited `max_wait`; after that, busy victims on its
+  devices are drained for it (other devices go on as before: blocking is per device);
+- where a model goes (one device, or several for a split) is `placement.py`'s rule;
+- loads are serial (per device) while the driver hides per-process memory, and for serial-start
+  engines.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .errors import InsufficientMemory, LoadFailed, SchedulerError
 from .events import Fail, Grant, Prefetch, Start, Stop, Wake
 from .ledger import host_used, resident_count
 from .lifecycle import IDLE, STARTING, AwaitingRoom, Leaving, Model, Record, Starting, State, Waiter, transition
-from .planner import Candidate, plan_eviction
+from .placement import Plan
 
 if TYPE_CHECKING:
     from .core import Core
@@ -69,7 +72,7 @@ class Admission:
         pending = sorted((m for m in self.models.values()
                           if m.queue and m.state in (State.UNLOADED, State.SLEEPING, State.AWAITING_ROOM)),
                          key=lambda m: m.queue[0].enqueued)
-        blocked: Model | None = None
+        blocked: dict[str, Model] = {}  # device -> the first model that waits for room there
         for m in pending:
             if m.state == State.UNLOADED and m.failed and now < m.backoff_until:
                 self.fail_queue(m, self.load_failed(m, now))
@@ -77,18 +80,25 @@ class Admission:
             if m.state == State.AWAITING_ROOM:
                 self.advance_claim(m, now)
                 if m.state == State.AWAITING_ROOM:
-                    blocked = blocked or m
+                    for d in self.devices_of(m):
+                        blocked.setdefault(d, m)
                 continue
-            if blocked is not None:
-                if now - blocked.queue[0].enqueued < self.cfg.max_wait:
-                    self.admit(m, now, evict=False)
-                self.prefetch_waiting(m)
+            # behind a blocked model, a device takes only loads that evict nothing there, and
+            # none at all once that model has waited max_wait; other devices are not affected
+            closed = {d for d, b in blocked.items() if now - b.queue[0].enqueued >= self.cfg.max_wait}
+            if self.admit(m, now, closed=closed, no_evict=set(blocked)):
                 continue
-            if not self.admit(m, now, evict=True):
-                blocked = m
-                self.prefetch_waiting(m)
-                if now - m.queue[0].enqueued >= self.cfg.max_wait:
-                    self.drain_for(m, now)
+            self.prefetch_waiting(m)
+            # it waits for the devices it would get by draining busy models: those alone are
+            # held for it; loads elsewhere go on
+            target = self.place(m, closed, set(), include_busy=True)
+            free = [d for d in (target.shares if target else self.allowed(m)) if d not in blocked]
+            if not free:
+                continue
+            for d in free:
+                blocked[d] = m
+            if now - m.queue[0].enqueued >= self.cfg.max_wait:
+                self.drain_for(m, now, closed=set(self.devices) - set(free))
 
     # ------------------------------------------------------------------ waiters
 
@@ -117,55 +127,36 @@ class Admission:
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self: Core, m: Model, now: float, evict: bool) -> bool:
-        """Start `m` if it fits (claiming idle victims when allowed). True if it was decided."""
-        need = m.need
-        if need > self.capacity:
-            self.fail_queue(m, InsufficientMemory(
-                f"model '{m.id}' needs {format_bytes(need)} but the budget holds only {format_bytes(self.capacity)}"))
+    def admit(self: Core, m: Model, now: float, closed: set[str] | None = None,
+              no_evict: set[str] | None = None) -> bool:
+        """Start `m` where placement puts it (claiming idle victims there). True if decided.
+
+        `closed`: devices it may not use now; `no_evict`: devices where it may not evict."""
+        if not self.fits_ever(m):
+            self.fail_queue(m, self.too_big(m))
             return True
-        if self.serial_blocked(m):
+        plan = self.place(m, (closed or set()) | self.serial_closed(m), no_evict or set())
+        if plan is None:
             return False
-        slots = self.slots_needed(m)
-        room = self.room(exclude=m)
-        if room >= need and slots == 0:
-            self.start(m, now)
+        if not plan.victims:
+            self.start(m, now, plan)
             return True
-        if not evict:
-            return False
-        victims = plan_eviction(max(0, need - room), slots, self.candidates(exclude=m))
-        if victims is None:
-            return False
-        log.info("evicting %s to fit %s (%s)", ", ".join(victims), m.id, format_bytes(need))
-        self.claim(m, need, victims, now)
+        log.info("evicting %s to fit %s (%s on %s)", ", ".join(plan.victims), m.id, format_bytes(plan.total),
+                 ", ".join(plan.shares))
+        self.claim(m, plan, now)
         self.advance_claim(m, now)
         return True
-
-    def serial_blocked(self: Core, m: Model) -> bool:
-        """Loads wait for each other while the driver hides per-process memory (the device's
-        used-memory delta is the measurement) and for engines that size themselves from free
-        memory (vLLM)."""
-        starting = [x for x in self.models.values() if x is not m and x.state in STARTING]
-        if not starting:
-            return False
-        if not self.pid_visible or self.serial_start(m.entry):
-            return True
-        return any(self.serial_start(x.entry) for x in starting)
 
     def slots_needed(self: Core, m: Model) -> int:
         if not self.cfg.max_models:
             return 0
         return max(0, resident_count(self.models.values(), exclude=m) + 1 - self.cfg.max_models)
 
-    def candidates(self: Core, exclude: Model) -> list[Candidate]:
-        return [Candidate(x.id, x.reserved, x.last_used, x.inflight, x.queued, x.pinned)
-                for x in self.models.values() if x is not exclude and x.state == State.READY]
-
-    def claim(self: Core, m: Model, need: int, victims: list[str], now: float) -> None:
+    def claim(self: Core, m: Model, plan: Plan, now: float) -> None:
         """Admit `m` behind its victims: hold its reservation while they drain and stop."""
         self.to(m, State.AWAITING_ROOM, AwaitingRoom(now, from_sleep=m.instance is not None))
-        m.reserved = need
-        for vid in victims:
+        m.reserved, m.placement = plan.total, plan.fractions
+        for vid in plan.victims:
             self.begin_stop(self.models[vid], "budget", for_model=m.id)
         self.prefetch(m)
 
@@ -173,16 +164,16 @@ class Admission:
         """An admitted model whose victims are stopping: start once memory shows free."""
         if any(x.victim_of == m.id for x in self.models.values()):
             return  # a victim still drains or stops (a crashed one no longer names m)
-        if self.serial_blocked(m):
+        if set(self.devices_of(m)) & self.serial_closed(m):
             return
-        if self.room(exclude=m) >= m.reserved and self.slots_needed(m) == 0:
+        if self.fits_claim(m) and self.slots_needed(m) == 0:
             self.start(m, now)
             return
         assert isinstance(m.rec, AwaitingRoom)
         if now - m.rec.since < self.cfg.settle:
             return  # the device may lag behind the stop for a moment
         self.release_claim(m)  # memory taken by someone else meanwhile: plan again
-        self.admit(m, now, evict=True)
+        self.admit(m, now)
 
     def release_claim(self: Core, m: Model) -> None:
         self.to(m, State.UNLOADED if m.instance is None else State.SLEEPING)
@@ -191,16 +182,15 @@ class Admission:
             if x.victim_of == m.id and x.state == State.DRAINING and x.stop_reason == "budget":
                 self.to(x, State.READY)  # its drain was only for m
 
-    def drain_for(self: Core, m: Model, now: float) -> None:
-        """`m` has waited past max_wait: drain busy models (LRU) so it loads next."""
+    def drain_for(self: Core, m: Model, now: float, closed: set[str] | None = None) -> None:
+        """`m` has waited past max_wait: drain busy models (LRU) on its devices so it loads next."""
         if any(x.victim_of == m.id for x in self.models.values()):
             return
-        victims = plan_eviction(max(0, m.need - self.room(exclude=m)), self.slots_needed(m),
-                                self.candidates(exclude=m), include_busy=True)
-        if not victims:
+        plan = self.place(m, (closed or set()) | self.serial_closed(m), set(), include_busy=True)
+        if plan is None or not plan.victims:
             return
-        log.info("%s waited %.0fs: draining %s for it", m.id, self.cfg.max_wait, ", ".join(victims))
-        self.claim(m, m.need, victims, now)
+        log.info("%s waited %.0fs: draining %s for it", m.id, self.cfg.max_wait, ", ".join(plan.victims))
+        self.claim(m, plan, now)
 
     def prefetch_waiting(self: Core, m: Model) -> None:
         if m.state == State.UNLOADED and not m.prefetch_asked:
@@ -211,10 +201,12 @@ class Admission:
         if self.cfg.prefetch:
             self.emit(Prefetch(m.entry))
 
-    def start(self: Core, m: Model, now: float) -> None:
+    def start(self: Core, m: Model, now: float, plan: Plan | None = None) -> None:
+        """Start (or wake) `m` on its placement: `plan`, or the one its claim holds."""
         since = m.rec.since if isinstance(m.rec, AwaitingRoom) else now
         reason, m.next_reason = m.next_reason, "demand"
-        m.reserved = m.need
+        if plan is not None:
+            m.reserved, m.placement = plan.total, plan.fractions
         m.prefetch_asked = False
         if m.instance is not None:  # asleep: wake it
             m.host_reserved = 0
@@ -222,7 +214,7 @@ class Admission:
             self.emit(Wake(m.id, m.instance, m.entry))
             return
         self.to(m, State.LOADING, Starting(since, reason))
-        self.emit(Start(m.id, m.entry, m.reserved, measure_device=not self.pid_visible))
+        self.emit(Start(m.id, m.entry, m.reserved, measure_device=not self.pid_visible, placement=dict(m.placement)))
 
     # ------------------------------------------------------------------ stopping
 

@@ -14,15 +14,14 @@ import logging
 from typing import Callable
 
 from ..catalog import ModelEntry
-from ..units import format_bytes
-from . import ledger
 from .admission import Admission
-from .errors import (AlreadyLoaded, InsufficientMemory, NotLoaded, Pinned, QueueFull, QueueTimeout,
+from .devices import Devices
+from .errors import (AlreadyLoaded, NotLoaded, Pinned, QueueFull, QueueTimeout,
                      ShuttingDown, UnknownModel, Unloaded)
 from .events import (Arrived, CatalogChanged, Done, Effect, Event, Exited, Fail, Learn, Left, Loaded,
                      LoadFailedEvent, Measure, Measured, Released, Report, SetPinned, Shutdown, Stopped,
                      CancelStarts, Tick, Unload, Woke)
-from .ledger import Reading
+from .ledger import Device, Reading
 from .lifecycle import SERVING, STARTING, Leaving, Model, Starting, State, Waiter
 from .settings import SchedulerConfig
 
@@ -34,15 +33,16 @@ def launch_key(e: ModelEntry) -> ModelEntry:
     return dataclasses.replace(e, aliases=(), pinned=False, idle_ttl=None)
 
 
-class Core(Admission):
+class Core(Devices, Admission):
     def __init__(self, cfg: SchedulerConfig, clock: Callable[[], float], reading: Reading | None,
                  host_capacity: int = 0, pid_visible: bool | None = None,
                  can_sleep: Callable[[ModelEntry], bool] = lambda e: False,
-                 serial_start: Callable[[ModelEntry], bool] = lambda e: False):
+                 serial_start: Callable[[ModelEntry], bool] = lambda e: False,
+                 devices: list[Device] | None = None):
         self.cfg = cfg
         self.clock = clock
-        self.reading = reading
-        self.total = reading.total if reading else 0
+        self.devices = {d.id: d for d in devices} if devices else {
+            "0": Device("0", cfg.budget, cfg.reserve, reading)}
         self.host_capacity = host_capacity
         self.pid_visible = pid_visible
         self.can_sleep = can_sleep
@@ -53,16 +53,6 @@ class Core(Admission):
         self.revision = 0  # bumped by every state change (the status stream's "anything new?")
         self.out: list[Effect] = []
         self._internal = -1  # waiter ids for loads nobody awaits (reload restarts)
-
-    # ------------------------------------------------------------------ numbers
-
-    @property
-    def capacity(self) -> int:
-        return ledger.capacity(self.cfg.budget, self.cfg.reserve, self.total)
-
-    def room(self, exclude: Model | None = None) -> int:
-        return ledger.room(list(self.models.values()), self.capacity, self.reading, self.cfg.reserve,
-                           self.pid_visible, exclude)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -93,6 +83,8 @@ class Core(Admission):
                 f"model '{ev.model}' not found; known models: {', '.join(self.names)}")))
         if not m.measured and ev.estimate:
             m.estimate = ev.estimate
+        if ev.overhead:
+            m.overhead = ev.overhead
         w = Waiter(ev.waiter, m.id, now, ev.counts)
         if ev.refuse_loaded and m.state == State.READY or ev.refuse_loading and m.state.public == "loading":
             return self.emit(Fail(ev.waiter, AlreadyLoaded(f"model '{m.id}' is already running ({m.state.public})")))
@@ -100,7 +92,7 @@ class Core(Admission):
             return self.grant(m, w)
         if not ev.autoload:
             return self.emit(Fail(ev.waiter, NotLoaded("model is not loaded")))
-        if m.need > self.capacity:
+        if not self.fits_ever(m):
             return self.emit(Fail(ev.waiter, self.too_big(m)))
         if m.failed and now < m.backoff_until and m.state == State.UNLOADED:
             return self.emit(Fail(ev.waiter, self.load_failed(m, now)))
@@ -134,8 +126,7 @@ class Core(Admission):
     # ------------------------------------------------------------------ the runner reports
 
     def _on_Loaded(self, ev: Loaded) -> None:
-        if ev.reading is not None:
-            self.reading = ev.reading
+        self.take(ev.reading, ev.readings)
         m = self.models.get(ev.model)
         if m is None or m.state != State.LOADING:
             log.error("model %s reported loaded while %s", ev.model, m.state.value if m else "unknown")
@@ -154,12 +145,12 @@ class Core(Admission):
         if self.pid_visible is None:
             self.pid_visible = ev.process_bytes is not None
         self.learn(m, ev.process_bytes if ev.process_bytes is not None else ev.device_delta)
+        self.spread(m, ev.per_device)
         self.report(m, "load", rec.reason, m.reserved, now - rec.since)
         self.after_start(m, rec)
 
     def _on_Woke(self, ev: Woke) -> None:
-        if ev.reading is not None:
-            self.reading = ev.reading
+        self.take(ev.reading, ev.readings)
         m = self.models.get(ev.model)
         if m is None or m.state != State.WAKING:
             return
@@ -182,12 +173,16 @@ class Core(Admission):
             self.begin_stop(m, rec.stop_after)
 
     def learn(self, m: Model, measured: int | None) -> None:
+        """Adopt a measured footprint. A split child pays the per-process overhead on each of its
+        devices; what is remembered is the one-device equivalent, since placement adds the
+        overhead again for every device of the next split."""
         if measured is None or measured <= 0:
             return
-        m.measured = measured
+        extra = (len(m.placement) - 1) * m.overhead if len(m.placement) > 1 else 0
+        m.measured = max(1, measured - extra)
         if m.holds_device:
             m.reserved = measured
-        self.emit(Learn(m.entry, measured))
+        self.emit(Learn(m.entry, m.measured))
 
     def _on_Measured(self, ev: Measured) -> None:
         m = self.models.get(ev.model)
@@ -240,8 +235,7 @@ class Core(Admission):
         self.stopped(m)
 
     def _on_Stopped(self, ev: Stopped) -> None:
-        if ev.reading is not None:
-            self.reading = ev.reading
+        self.take(ev.reading, ev.readings)
         m = self.models.get(ev.model)
         if m is None or m.state != State.STOPPING:
             return
@@ -358,8 +352,7 @@ class Core(Admission):
     # ------------------------------------------------------------------ time
 
     def _on_Tick(self, ev: Tick) -> None:
-        if ev.reading is not None:
-            self.reading = ev.reading
+        self.take(ev.reading, ev.readings)
         now = self.clock()
         for mid, b in ev.seen.items():
             if mid in self.models:
@@ -377,12 +370,6 @@ class Core(Admission):
         self.ttl(now)
 
     # ------------------------------------------------------------------ helpers
-
-    def too_big(self, m: Model) -> InsufficientMemory:
-        return InsufficientMemory(
-            f"model '{m.id}' needs {format_bytes(m.need)} but the budget holds only "
-            f"{format_bytes(self.capacity)} (budget {self.cfg.budget}, device {format_bytes(self.total)}, "
-            f"reserve {format_bytes(self.cfg.reserve)})")
 
     def backoff(self, m: Model) -> float:
         return min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** (max(1, m.failures) - 1))

@@ -31,8 +31,13 @@ log = logging.getLogger("swapper.scheduler")
 class Launcher(Protocol):
     """The edge that turns decisions into processes."""
 
-    async def start(self, entry: ModelEntry, reserved: int,
-                    on_exit: Callable[[int | None], None]) -> Instance: ...
+    async def start(self, entry: ModelEntry, reserved: int, on_exit: Callable[[int | None], None], *,
+                    placement: dict[str, float] | None = None) -> Instance:
+        """Start a child with only `placement`'s devices visible (split in its proportions).
+
+        `placement` is passed only on a node with several devices; a launcher for one device
+        may leave it out of its signature."""
+        ...
 
     async def stop(self, instance: Instance, entry: ModelEntry) -> None: ...
 
@@ -74,6 +79,7 @@ class EffectsRunner:
 
     core: Core
     probe: MemoryProbe
+    probes: dict[str, MemoryProbe]
     launcher: Launcher
     estimator: Estimator
     clock: Callable[[], float]
@@ -149,9 +155,13 @@ class EffectsRunner:
         def on_exit(code: int | None) -> None:
             self.feed(E.Exited(eff.model, child.get("instance"), code))  # type: ignore[arg-type]
 
-        before = self._device_used() if eff.measure_device else None
+        devs = list(eff.placement) or list(self.probes)[:1]
+        before = self._device_used(devs) if eff.measure_device else None
         try:
-            inst = await self.launcher.start(eff.entry, eff.reserved, on_exit)
+            # the placement only matters where there is a choice: single-device launchers keep
+            # the three-argument start
+            kw = {"placement": eff.placement} if len(self.probes) > 1 and eff.placement else {}
+            inst = await self.launcher.start(eff.entry, eff.reserved, on_exit, **kw)
         except asyncio.CancelledError:
             self.feed(E.LoadFailedEvent(eff.model, LoadError("cancelled: swapper is shutting down"), 0.0))
             raise
@@ -163,9 +173,13 @@ class EffectsRunner:
             self.feed(E.LoadFailedEvent(eff.model, LoadError(str(e)), self.clock() - t0))
             return
         child["instance"] = inst
-        reading = self._read()
-        delta = reading.used - before if reading is not None and before is not None else None
-        self.feed(E.Loaded(eff.model, inst, self.clock() - t0, self._process_bytes(inst), delta, reading))
+        readings = self._read()
+        after = _used(readings, devs)
+        delta = after - before if after is not None and before is not None else None
+        per_device = self._per_device(inst)
+        total = sum(per_device.values()) if per_device else None
+        self.feed(E.Loaded(eff.model, inst, self.clock() - t0, total, delta, readings=readings or None,
+                           per_device=per_device if len(eff.placement) > 1 else None))
 
     async def _stop(self, eff: E.Stop) -> None:
         t0 = self.clock()
@@ -181,7 +195,7 @@ class EffectsRunner:
                 await self.launcher.stop(eff.instance, eff.entry)
             except Exception:
                 log.exception("stopping %s failed", eff.model)
-        self.feed(E.Stopped(eff.model, slept, self.clock() - t0, self._read()))
+        self.feed(E.Stopped(eff.model, slept, self.clock() - t0, readings=self._read() or None))
 
     async def _wake(self, eff: E.Wake) -> None:
         t0 = self.clock()
@@ -193,7 +207,7 @@ class EffectsRunner:
                 await self.launcher.stop(eff.instance, eff.entry)
             self.feed(E.LoadFailedEvent(eff.model, LoadError(f"wake failed: {e}"), self.clock() - t0))
             return
-        self.feed(E.Woke(eff.model, self.clock() - t0, self._process_bytes(eff.instance), self._read()))
+        self.feed(E.Woke(eff.model, self.clock() - t0, self._process_bytes(eff.instance), readings=self._read() or None))
 
     def _spawn(self, coro: Any, start: bool = False) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -214,31 +228,46 @@ class EffectsRunner:
 
     # ------------------------------------------------------------------ the probe
 
-    def _read(self) -> Reading | None:
-        try:
-            mem = self.probe.memory()
-        except Exception as e:
-            log.warning("memory probe failed: %s", e)
-            return None
+    def _read(self) -> dict[str, Reading]:
+        """Every planned device's reading (a device whose probe fails is left out)."""
+        out: dict[str, Reading] = {}
+        for did, probe in self.probes.items():
+            try:
+                mem = probe.memory()
+            except Exception as e:
+                log.warning("memory probe of %s failed: %s", did, e)
+                continue
+            out[did] = Reading(mem.total, mem.used, mem.free)
         self._read_at = time.monotonic()
-        return Reading(mem.total, mem.used, mem.free)
+        return out
 
     def _refresh(self, min_age: float) -> None:
         if time.monotonic() - self._read_at >= min_age:
-            reading = self._read()
-            if reading is not None:
-                self.feed(E.Tick(reading))
+            readings = self._read()
+            if readings:
+                self.feed(E.Tick(readings=readings))
 
-    def _device_used(self) -> int | None:
-        reading = self._read()
-        return reading.used if reading else None
+    def _device_used(self, devs: list[str]) -> int | None:
+        return _used(self._read(), devs)
+
+    def _per_device(self, inst: Instance) -> dict[str, int]:
+        """A child's memory on each device that shows it."""
+        out: dict[str, int] = {}
+        pids = inst.pids()
+        for did, probe in self.probes.items():
+            try:
+                b = probe.process_bytes(pids)
+            except Exception as e:
+                log.debug("per-process memory unavailable: %s", e)
+                continue
+            if b is not None:
+                out[did] = b
+        return out
 
     def _process_bytes(self, inst: Instance) -> int | None:
-        try:
-            return self.probe.process_bytes(inst.pids())
-        except Exception as e:
-            log.debug("per-process memory unavailable: %s", e)
-            return None
+        """A child's memory over every device (None when no driver shows it)."""
+        per = self._per_device(inst)
+        return sum(per.values()) if per else None
 
     def _can_sleep(self, entry: ModelEntry) -> bool:
         try:
@@ -252,3 +281,10 @@ class EffectsRunner:
             return bool(fn(entry)) if fn is not None else False
         except Exception:
             return False
+
+
+def _used(readings: dict[str, Reading], devs: list[str]) -> int | None:
+    """Used bytes summed over `devs`; None unless every one of them was read."""
+    if not devs or any(d not in readings for d in devs):
+        return None
+    return sum(readings[d].used for d in devs)

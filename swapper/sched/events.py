@@ -33,6 +33,7 @@ class Arrived:
     autoload: bool = True
     refuse_loaded: bool = False  # admin load: "already loaded" is an answer
     refuse_loading: bool = False  # ... and so is "already loading" (unless the caller waits)
+    overhead: int = 0  # of `estimate`, the per-process part every device the child touches pays
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Loaded:
     process_bytes: int | None  # the probe's per-process reading right after, if shown
     device_delta: int | None = None  # device used memory after minus before (serial loads)
     reading: Reading | None = None  # the device right after the load
+    readings: dict[str, Reading] | None = None  # per device, on a node with several
+    per_device: dict[str, int] | None = None  # the child's bytes on each device, where shown
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Woke:
     seconds: float
     process_bytes: int | None
     reading: Reading | None = None
+    readings: dict[str, Reading] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class Stopped:
     slept: bool  # the engine kept running with its device memory released
     seconds: float
     reading: Reading | None = None  # the device right after the stop
+    readings: dict[str, Reading] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Tick:
 
     reading: Reading | None = None
     seen: dict[str, int] = field(default_factory=dict)  # starting children's per-process bytes
+    readings: dict[str, Reading] | None = None  # per device, on a node with several
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,7 @@ class Start:
     entry: ModelEntry
     reserved: int
     measure_device: bool  # read the device's used memory before and after (serial loads)
+    placement: dict[str, float] = field(default_factory=dict)  # device id -> share of `reserved`
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ Capacity is min(budget, device total - reserve): the reserve protects the device
 budget, so `--budget 450MiB` plans with 450 MiB. Room is the smaller of what the ledger leaves
 and what the latest probe reading shows free (other processes use the device too), minus what
 starting children will take that the reading does not show yet.
+
+On a node with several devices each has its own capacity, reading and room (`Device`); a
+model's reservation is spread over its devices by its placement (`share`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,57 @@ class Reading:
     total: int
     used: int
     free: int
+
+
+@dataclass
+class Device:
+    """One planned device: its own budget, reserve and latest reading."""
+
+    id: str
+    budget: SizeSpec
+    reserve: int = 0
+    reading: Reading | None = None
+    index: int = 0
+    total: int = 0
+    uuid: str | None = None
+    splittable: bool = True  # False for a MIG instance: a process sees one MIG device at most
+
+    def __post_init__(self) -> None:
+        if not self.total and self.reading is not None:
+            self.total = self.reading.total
+
+    def take(self, reading: Reading) -> None:
+        self.reading = reading
+        if reading.total:
+            self.total = reading.total
+
+    @property
+    def capacity(self) -> int:
+        return capacity(self.budget, self.reserve, self.total)
+
+
+def share(m: Model, dev: str, default: str, nbytes: int | None = None) -> int:
+    """Bytes of `m`'s reservation (or of `nbytes`) that lie on device `dev`."""
+    nbytes = m.reserved if nbytes is None else nbytes
+    if not m.placement:
+        return nbytes if dev == default else 0
+    frac = m.placement.get(dev, 0.0)
+    return nbytes if frac == 1.0 else round(nbytes * frac)
+
+
+def used_on(models: Iterable[Model], dev: str, default: str, exclude: Model | None = None) -> int:
+    return sum(share(m, dev, default) for m in models if m.holds_device and m is not exclude)
+
+
+def room_on(models: list[Model], d: Device, default: str, pid_visible: bool | None,
+            exclude: Model | None = None) -> int:
+    """Free bytes on one device: the smaller of what its ledger and its reading allow."""
+    ledger_free = d.capacity - used_on(models, d.id, default, exclude)
+    if d.reading is None:
+        return ledger_free
+    pending = sum(share(m, d.id, default, unreflected(m, pid_visible)) for m in models
+                  if m is not exclude and m.state in (State.AWAITING_ROOM, State.LOADING, State.WAKING))
+    return min(ledger_free, d.reading.free - d.reserve - pending)
 
 
 def capacity(budget: SizeSpec, reserve: int, total: int) -> int:
@@ -50,14 +104,3 @@ def unreflected(m: Model, pid_visible: bool | None) -> int:
     if pid_visible and m.instance is not None:
         return max(0, m.reserved - m.seen_bytes)
     return m.reserved
-
-
-def room(models: list[Model], cap: int, reading: Reading | None, reserve: int,
-         pid_visible: bool | None, exclude: Model | None = None) -> int:
-    """Free bytes for a load: the smaller of what the ledger and the reading allow."""
-    ledger_free = cap - used(models, exclude)
-    if reading is None:
-        return ledger_free
-    pending = sum(unreflected(m, pid_visible) for m in models
-                  if m is not exclude and m.state in (State.AWAITING_ROOM, State.LOADING, State.WAKING))
-    return min(ledger_free, reading.free - reserve - pending)

@@ -126,7 +126,9 @@ class Model:
     inflight: int = 0
     queue: deque[Waiter] = field(default_factory=deque)
     last_used: float = 0.0
-    reserved: int = 0  # device bytes in the ledger
+    reserved: int = 0  # device bytes in the ledger (all its devices together)
+    placement: dict[str, float] = field(default_factory=dict)  # device id -> its part of `reserved`
+    overhead: int = 0  # per-process bytes every device it touches pays (from the estimate)
     host_reserved: int = 0  # host bytes while sleeping
     estimate: int = 0  # bytes before it is measured (from the estimator, via events)
     measured: int | None = None

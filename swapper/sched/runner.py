@@ -13,11 +13,11 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Callable, Iterable, Sequence
 
 from ..catalog import Adapter, Catalog, ModelEntry
 from ..estimate import Estimator
-from ..gpu import MemoryProbe
+from ..gpu import MemoryProbe, probe_id
 from . import events as E
 from . import ledger
 from .core import Core
@@ -32,11 +32,13 @@ log = logging.getLogger("swapper.scheduler")
 class Scheduler(EffectsRunner):
     """One owner of model state: commands in, leases out; decisions in `Core`."""
 
-    def __init__(self, catalog: Catalog, probe: MemoryProbe, launcher: Launcher, estimator: Estimator,
-                 config: SchedulerConfig | None = None, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
+    def __init__(self, catalog: Catalog, probe: MemoryProbe | Sequence[MemoryProbe], launcher: Launcher,
+                 estimator: Estimator, config: SchedulerConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.cfg = config or SchedulerConfig()
-        self.probe = probe
+        probes = list(probe) if isinstance(probe, (list, tuple)) else [probe]
+        self.probes: dict[str, MemoryProbe] = {probe_id(p): p for p in probes}
+        self.probe = probes[0]  # the first device (the only one on most nodes)
         self.launcher = launcher
         self.estimator = estimator
         self.clock = clock
@@ -51,13 +53,23 @@ class Scheduler(EffectsRunner):
         self._inbox: deque[E.Event] = deque()
         self._feeding = False
         self._read_at = float("-inf")
-        reading = self._read()
-        host_total = reading.total if reading and probe.kind == "host" else _host_total()
+        readings = self._read()
+        reading = readings.get(probe_id(self.probe))
+        host_total = reading.total if reading and self.probe.kind == "host" else _host_total()
         self.core = Core(self.cfg, clock, reading, host_capacity=self.cfg.host_budget.resolve(host_total),
-                         pid_visible=True if probe.kind == "host" else None,
-                         can_sleep=self._can_sleep, serial_start=self._serial_start)
+                         pid_visible=True if self.probe.kind == "host" else None,
+                         can_sleep=self._can_sleep, serial_start=self._serial_start,
+                         devices=[self._device(p, readings.get(d)) for d, p in self.probes.items()])
         self.catalog = catalog
         self.feed(E.CatalogChanged(list(catalog)))
+
+    def _device(self, p: MemoryProbe, reading: ledger.Reading | None) -> ledger.Device:
+        did = probe_id(p)
+        limits = self.cfg.devices.get(did)
+        budget = limits.budget if limits and limits.budget is not None else self.cfg.budget
+        reserve = limits.reserve if limits and limits.reserve is not None else self.cfg.reserve
+        return ledger.Device(did, budget, reserve, reading, index=list(self.probes).index(did),
+                             uuid=getattr(p, "uuid", None), splittable=not getattr(p, "mig", False))
 
     # ------------------------------------------------------------------ the read-only view
 
@@ -97,6 +109,23 @@ class Scheduler(EffectsRunner):
     def ledger_used(self, exclude: Model | None = None) -> int:
         return ledger.used(self.models.values(), exclude)
 
+    def placement_of(self, m: Model) -> dict[str, int]:
+        """Bytes `m` holds (or has claimed) on each of its devices; empty when it holds none."""
+        if not m.holds_device:
+            return {}
+        return {d: self.core.share(m, d) for d in self.core.devices_of(m)}
+
+    def device_view(self) -> list[dict]:
+        """Per device: capacity, ledger and the models on it (status, metrics, `/models`)."""
+        core = self.core
+        out = []
+        for did, d in core.devices.items():
+            on = {m.id: b for m in self.models.values() if (b := self.placement_of(m).get(did))}
+            out.append({"id": did, "index": d.index, "uuid": d.uuid, "name": getattr(self.probes.get(did), "name", did),
+                        "capacity": d.capacity, "ledger": core.used_on(did), "total": d.total,
+                        "reading": d.reading, "models": on})
+        return out
+
     def host_used(self) -> int:
         return ledger.host_used(self.models.values())
 
@@ -115,7 +144,7 @@ class Scheduler(EffectsRunner):
         m = self._model(model_id)
         await self.prepare(m.entry)
         wid, fut = self._waiter()
-        self._arrive(E.Arrived(wid, model_id, self._estimate(m), autoload=autoload))
+        self._arrive(E.Arrived(wid, model_id, self._estimate(m), autoload=autoload, overhead=self._overhead(m)))
         try:
             instance = await fut
         except asyncio.CancelledError:
@@ -149,7 +178,8 @@ class Scheduler(EffectsRunner):
         wid, fut = self._waiter()
         fut.add_done_callback(_retrieve)
         self._arrive(E.Arrived(wid, model_id, self._estimate(m), counts=False, bounded=False, reason=reason,
-                               refuse_loaded=refuse_loaded, refuse_loading=refuse_loading))
+                               refuse_loaded=refuse_loaded, refuse_loading=refuse_loading,
+                               overhead=self._overhead(m)))
         return wid, fut
 
     async def load(self, model_id: str, reason: str = "manual") -> None:
@@ -218,6 +248,15 @@ class Scheduler(EffectsRunner):
             log.warning("cannot estimate %s: %s", m.id, e)
             return m.entry.size
 
+    def _overhead(self, m: Model) -> int:
+        """The per-process part of the estimate: paid again on every device of a split."""
+        if len(self.probes) == 1:
+            return 0
+        try:
+            return int(self.estimator.estimate(m.entry).overhead)
+        except Exception:
+            return 0
+
     def _estimate_entry(self, entry: ModelEntry) -> None:
         try:
             self.estimator.estimate(entry)
@@ -235,14 +274,13 @@ class Scheduler(EffectsRunner):
     def tick(self) -> None:
         """Time-based rules; the probe is read only while something waits or starts."""
         busy = any(m.queue or m.state in STARTING or m.state == State.AWAITING_ROOM for m in self.models.values())
-        reading = self._read() if busy else None
+        readings = self._read() if busy else None
         seen: dict[str, int] = {}
         if busy and self.pid_visible:
             for m in self.models.values():
                 if m.state in STARTING and m.instance is not None:
-                    with contextlib.suppress(Exception):
-                        seen[m.id] = self.probe.process_bytes(m.instance.pids()) or 0
-        self.feed(E.Tick(reading, seen))
+                    seen[m.id] = self._process_bytes(m.instance) or 0
+        self.feed(E.Tick(None, seen, readings=readings or None))
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stop taking work, fail waiters, let in-flight requests finish, stop every child."""

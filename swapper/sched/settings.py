@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from ..units import SizeSpec
 
 
+@dataclass(frozen=True)
+class DeviceLimits:
+    """One device's own budget and reserve (None: the node-wide setting)."""
+
+    budget: SizeSpec | None = None
+    reserve: int | None = None
+
+
 @dataclass
 class SchedulerConfig:
     budget: SizeSpec = field(default_factory=lambda: SizeSpec(fraction=0.9))
@@ -23,3 +31,4 @@ class SchedulerConfig:
     crash_window: float = 60.0  # a crash this soon after a post-crash reload is a crash loop
     settle: float = 2.0  # how long the probe may lag behind a stop before more is evicted
     prefetch: bool = True
+    devices: dict[str, DeviceLimits] = field(default_factory=dict)  # per device id ("nvidia:1")
