@@ -22,7 +22,8 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from .api import Api, make_middlewares
+from .api import Api
+from .middleware import make_middlewares
 from .backends.llamacpp import LLAMA_HTTP_THREADS
 from .catalog import Catalog, ModelEntry, build_catalog
 from .config import ConfigError, Settings, load_settings

@@ -305,11 +305,12 @@ def test_a_real_pod_reports_residency_and_kv_use_to_the_picker(swapper_factory, 
     done = threading.Event()
 
     def stream() -> None:
-        try:
-            for _ in client.completions.create(model="tiny-a", prompt="go", max_tokens=4000, stream=True,
-                                               extra_body={"ignore_eos": True}):
-                if done.is_set():
-                    break
+        try:  # closed on leaving, so swapper cancels the generation and tiny-a goes idle
+            with client.completions.create(model="tiny-a", prompt="go", max_tokens=1000, stream=True,
+                                           extra_body={"ignore_eos": True}) as events:
+                for _ in events:
+                    if done.is_set():
+                        break
         finally:
             done.set()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from schedfakes import MiB, FakeClock, entry
+from schedfakes import FakeClock, entry
 from swapper.sched import Core, SchedulerConfig, State
 from swapper.sched import errors as err
 from swapper.sched import events as E

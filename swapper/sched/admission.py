@@ -22,10 +22,10 @@ import math
 from typing import TYPE_CHECKING
 
 from ..units import format_bytes
-from .errors import InsufficientMemory, LoadFailed, SchedulerError
+from .errors import LoadFailed, SchedulerError
 from .events import Fail, Grant, Prefetch, Start, Stop, Wake
 from .ledger import host_used, resident_count
-from .lifecycle import IDLE, STARTING, AwaitingRoom, Leaving, Model, Record, Starting, State, Waiter, transition
+from .lifecycle import IDLE, AwaitingRoom, Leaving, Model, Record, Starting, State, Waiter, transition
 from .placement import Plan
 
 if TYPE_CHECKING:
