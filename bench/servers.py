@@ -248,7 +248,8 @@ def start_swapper(layout: Layout, workdir: Path, config: dict[str, Any], *flags:
 
 def describe(s: Server) -> str:
     """The command line a target ran with (and swapper's config file, inline)."""
-    text = " ".join(s.argv)
+    argv = ["python" if a == sys.executable else a for a in s.argv]  # not this machine's path
+    text = " ".join(argv)
     if "config" in s.extra:
         text += f"   # config: {s.extra['config']}"
     return text
