@@ -37,7 +37,7 @@ class FakeClock:
 @dataclass
 class FakeInstance:
     model: str
-    pid: int
+    pid: int = field(default_factory=lambda: next(_pids))
     base_url: str = "http://fake"
     alive: bool = True
 

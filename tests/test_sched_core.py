@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
 
 import pytest
 
-from schedfakes import MiB, FakeClock, entry
+from schedfakes import MiB, FakeClock, FakeInstance, entry
 from swapper.catalog import ModelEntry
 from swapper.sched import Core, IllegalTransition, Model, SchedulerConfig, State
 from swapper.sched import errors as err
@@ -22,17 +21,6 @@ from swapper.sched.lifecycle import TRANSITIONS, transition
 from swapper.units import SizeSpec
 
 GiB = 1 << 30
-_pids = itertools.count(5000)
-
-
-@dataclass
-class Inst:
-    model: str
-    pid: int = field(default_factory=lambda: next(_pids))
-    base_url: str = "http://fake"
-
-    def pids(self) -> list[int]:
-        return [self.pid]
 
 
 class Spec:
@@ -49,7 +37,7 @@ class Spec:
         self.entries = {n: entry(n, pinned=n in pinned, sleep=n in sleepable) for n in sizes}
         self.send(E.CatalogChanged(list(self.entries.values())))
         self.ids = itertools.count(1)
-        self.instances: dict[str, Inst] = {}
+        self.instances: dict[str, FakeInstance] = {}
 
     def send(self, ev: E.Event) -> list[E.Effect]:
         return self.core.handle(ev)
@@ -69,7 +57,7 @@ class Spec:
 
     def loaded(self, name: str) -> list[E.Effect]:
         """The launcher reports `name` healthy; the probe shows its footprint."""
-        inst = self.instances[name] = Inst(name)
+        inst = self.instances[name] = FakeInstance(name)
         return self.send(E.Loaded(name, inst, 1.0, self.sizes[name]))
 
     def stopped(self, name: str) -> list[E.Effect]:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
 
 import pytest
 
-from schedfakes import FakeClock, entry
+from schedfakes import FakeClock, FakeInstance, entry
 from swapper.sched import Core, SchedulerConfig, State
 from swapper.sched import errors as err
 from swapper.sched import events as E
@@ -21,17 +20,6 @@ from swapper.sched.ledger import Device, Reading
 from swapper.units import SizeSpec
 
 GiB = 1 << 30
-_pids = itertools.count(7000)
-
-
-@dataclass
-class Inst:
-    model: str
-    pid: int = field(default_factory=lambda: next(_pids))
-    base_url: str = "http://fake"
-
-    def pids(self) -> list[int]:
-        return [self.pid]
 
 
 class Node:
@@ -80,7 +68,7 @@ class Node:
     def loaded(self, name: str, per_device: dict[str, int] | None = None) -> list[E.Effect]:
         m = self.core.models[name]
         total = sum(per_device.values()) if per_device else m.reserved
-        return self.send(E.Loaded(name, Inst(name), 1.0, total, readings=self.readings(), per_device=per_device))
+        return self.send(E.Loaded(name, FakeInstance(name), 1.0, total, readings=self.readings(), per_device=per_device))
 
     def stopped(self, name: str) -> list[E.Effect]:
         m = self.core.models[name]
