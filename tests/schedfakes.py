@@ -3,7 +3,7 @@
 The fake launcher "allocates" each child's footprint on a FakeProbe under a fake PID, so the
 scheduler's probe checks see memory come and go exactly as they would on a device. Starts can
 complete at once (`auto=True`) or wait for the test to `finish()` them, so intermediate states
-are observable. Nothing here sleeps: `spin()` only yields to the event loop.
+are observable. Nothing here sleeps: `spin()` yields to the event loop until nothing can move (`quiesce`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,19 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+async def quiesce(limit: int = 100_000) -> None:
+    """Return once nothing can move: every other task waits on something no callback will set
+    this turn (a launcher gate, a held stream, a future the test resolves). This is a condition,
+    not a count of event-loop turns: it reads the loop's ready queue (`_ready`, an asyncio
+    implementation detail; nothing public says "idle"), and fails rather than spin forever."""
+    loop = asyncio.get_running_loop()
+    for _ in range(limit):
+        await asyncio.sleep(0)
+        if not loop._ready:  # type: ignore[attr-defined]
+            return
+    raise AssertionError("the fake world never came to rest")
 
 
 @dataclass
@@ -153,9 +166,8 @@ class World:
     clock: FakeClock
     est: FakeEstimator
 
-    async def spin(self, n: int = 30) -> None:
-        for _ in range(n):
-            await asyncio.sleep(0)
+    async def spin(self) -> None:
+        await quiesce()
 
     def state(self, name: str) -> str:
         return self.sched.models[name].state.value
@@ -187,9 +199,8 @@ class Node:
     clock: FakeClock
     est: FakeEstimator
 
-    async def spin(self, n: int = 30) -> None:
-        for _ in range(n):
-            await asyncio.sleep(0)
+    async def spin(self) -> None:
+        await quiesce()
 
     def used(self) -> dict[str, int]:
         return {d: p.memory().used for d, p in self.devices.items()}

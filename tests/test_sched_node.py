@@ -58,11 +58,11 @@ async def run_trace(ndev: int, sizes: dict[str, int], steps: int, seed: int,  # 
         busy = [h for h in holds if not h[1].is_set()]
         while len(busy) > 3 or (busy and rng.random() < 0.4):  # at most 3 streams at once
             busy.pop(rng.randrange(len(busy)))[1].set()
-        await n.spin(20)
+        await n.spin()
         check(step)
         n.clock.advance(0.5)
         s.tick()
-        await n.spin(20)
+        await n.spin()
         check(step)
     for _, hold in holds:
         hold.set()
@@ -71,7 +71,7 @@ async def run_trace(ndev: int, sizes: dict[str, int], steps: int, seed: int,  # 
             break
         n.clock.advance(0.5)
         s.tick()
-        await n.spin(20)
+        await n.spin()
         check(-1)
     assert all(t.done() and t.exception() is None for t, _ in holds), \
         [t.exception() if t.done() else "pending" for t, _ in holds]

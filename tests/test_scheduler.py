@@ -208,7 +208,7 @@ async def test_queue_of_abab_with_room_for_one_is_served_as_aabb():
     tasks = []
     for n in ("a", "b", "a", "b"):
         tasks.append(asyncio.ensure_future(request(w, n, served)))
-        await w.spin(3)
+        await w.spin()
     w.launcher.finish("a")
     await w.spin()
     w.launcher.finish("b")
