@@ -11,10 +11,8 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
-import json
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,10 +30,12 @@ from .estimate import Estimate, Estimator, FootprintStore
 from .device_set import detect_all
 from .gpu import MemoryProbe
 from .launcher import ProcessLauncher
+from .logsetup import flush_logs, setup_logging
 from .metrics import Metrics
 from .prefetch import Prefetcher
 from .process import raise_nofile_limit
 from .proxy import AUDIO_PREFIX, MODEL_ROUTES, Proxy
+from .upstreams import Upstreams
 from .scheduler import Launcher, Scheduler, SchedulerConfig, SwapEvent
 from .sched.settings import DeviceLimits
 from .systemd import notify
@@ -82,6 +82,7 @@ class Runtime:
     closing: bool = False
     started_wall: float = field(default_factory=time.time)
     _session: aiohttp.ClientSession | None = None
+    upstreams: Upstreams = field(default_factory=lambda: Upstreams(CHILD_CONNECTIONS))
 
     def __post_init__(self) -> None:
         self.api_keys = self.settings.all_api_keys()
@@ -91,7 +92,8 @@ class Runtime:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # one pooled session for every child; bytes pass through undecoded; idle connections
+            # for health checks, sleep/wake and scrapes (requests go through `upstreams`); one
+            # pooled session for every child; bytes pass through undecoded; idle connections
             # are dropped before llama-server's own 5 s keep-alive timeout closes them under us,
             # and there are never more per child than it has HTTP threads (an idle kept-alive
             # connection holds one of llama-server's threads: more would stall new requests).
@@ -213,6 +215,7 @@ def _get_with_model(rt: Runtime) -> Callable[[web.Request], Any]:
 async def _ticker(rt: Runtime) -> None:
     while True:
         await asyncio.sleep(0.1)
+        flush_logs()
         try:
             rt.scheduler.tick()
         except Exception:
@@ -246,6 +249,7 @@ async def _on_cleanup(app: web.Application) -> None:
         t.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await t
+    rt.upstreams.close()
     if rt._session is not None:
         await rt._session.close()
 
@@ -259,42 +263,6 @@ async def shutdown(rt: Runtime) -> None:
     pf = getattr(rt.launcher, "prefetcher", None)
     if pf is not None:
         pf.close()
-
-
-# ------------------------------------------------------------------------------ logging
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
-                               "logger": record.name, "message": record.getMessage()}
-        swap = getattr(record, "swap", None)
-        if swap:
-            doc["swap"] = swap
-        rid = getattr(record, "request_id", None)
-        if rid:
-            doc["request_id"] = rid
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
-    # what no formatter here shows is not collected for every record (the logging HOWTO's
-    # "Optimization" section): one access line per request is on the hot path
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------------------ serve

@@ -165,14 +165,22 @@ def _allowed_origin(rt: Runtime, request: web.Request) -> str | None:
     return origin if origin and ("*" in origins or origin in origins) else None
 
 
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers every response carries, streamed ones included (set just before they are sent)."""
-    rt: Runtime = request.app["rt"]
+def answer_headers(rt: Runtime, request: web.Request) -> list[tuple[str, str]]:
+    """Headers every answer carries, relayed ones included: the request ID, and CORS for an
+    allowed origin."""
+    out = []
     rid = request.get("request_id")
     if rid:
-        response.headers["X-Request-ID"] = rid
-    allowed = _allowed_origin(rt, request)
-    if allowed:
-        response.headers["Access-Control-Allow-Origin"] = allowed
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After"
-        response.headers["Vary"] = "Origin"
+        out.append(("X-Request-ID", rid))
+    if rt.settings.cors_origins:
+        allowed = _allowed_origin(rt, request)
+        if allowed:
+            out += [("Access-Control-Allow-Origin", allowed),
+                    ("Access-Control-Expose-Headers", "X-Request-ID, Retry-After"), ("Vary", "Origin")]
+    return out
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """`answer_headers` on the responses aiohttp writes (set just before they are sent)."""
+    for k, v in answer_headers(request.app["rt"], request):
+        response.headers[k] = v

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -37,6 +38,8 @@ child_log = logging.getLogger("swapper.child")
 # called with (child name, line) for every line of child output (the control page's live logs);
 # runs on the event loop, so a hook must be cheap and must not block
 line_hooks: list[Callable[[str, str], None]] = []
+PULL_INTERVAL = 0.1
+PIPE_SIZE = 1 << 20
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,6 +59,22 @@ def raise_nofile_limit() -> tuple[int, int]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     return soft, hard
+
+
+def _read_available(fd: int) -> tuple[bytes, bool]:
+    """What the pipe holds now, and whether its writers are all gone."""
+    parts: list[bytes] = []
+    for _ in range(PIPE_SIZE >> 16):
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return b"".join(parts), False
+        except OSError:
+            return b"".join(parts), True
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+    return b"".join(parts), False
 
 
 def _line_level(text: str, healthy: bool) -> int:
@@ -124,30 +143,70 @@ class ChildProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.started_at = time.monotonic()
         log.debug("starting %s: %s", self.name, " ".join(self.argv))
-        self.proc = await asyncio.create_subprocess_exec(
-            *keeper, *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd, limit=1 << 20)
-        self._reader = asyncio.create_task(self._read_output(), name=f"log:{self.name}")
+        out, into = os.pipe()
+        try:
+            with contextlib.suppress(OSError, AttributeError):  # room for bursts between pulls
+                fcntl.fcntl(into, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self.proc = await asyncio.create_subprocess_exec(
+                *keeper, *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=into,
+                stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.cwd)
+        except BaseException:
+            os.close(out)
+            raise
+        finally:
+            os.close(into)
+        os.set_blocking(out, False)
+        self._reader = asyncio.create_task(self._read_output(out), name=f"log:{self.name}")
         self._waiter = asyncio.create_task(self._wait(), name=f"wait:{self.name}")
 
-    async def _read_output(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        stream = self.proc.stdout
-        while True:
-            try:
-                line = await stream.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                line = await stream.read(1 << 16)
-            if not line:
-                return
+    async def _read_output(self, fd: int) -> None:
+        """The child's output: as it comes until the child serves, then pulled every 0.1 s.
+
+        A serving llama-server writes about ten lines for each request, one `write` each:
+        reading them as they come would wake the proxy several times per request. The pipe is
+        enlarged so that the child never waits on it between pulls.
+        """
+        loop = asyncio.get_running_loop()
+        partial = b""
+        try:
+            while True:
+                data, eof = _read_available(fd)
+                if data:
+                    lines = (partial + data).split(b"\n") if partial else data.split(b"\n")
+                    partial = lines.pop()
+                    if len(partial) > 1 << 20:  # a "line" with no end in sight: show what there is
+                        lines.append(partial)
+                        partial = b""
+                    self._lines(lines)
+                if eof:
+                    if partial:
+                        self._lines([partial])
+                    return
+                if len(data) >= PIPE_SIZE // 4:  # a burst: read on soon, but let the loop run
+                    await asyncio.sleep(0)
+                elif self.healthy:
+                    await asyncio.sleep(PULL_INTERVAL)
+                else:
+                    ready = loop.create_future()
+                    loop.add_reader(fd, ready.set_result, None)
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+
+    def _lines(self, lines: list[bytes]) -> None:
+        healthy, tail, name = self.healthy, self.tail, self.name
+        for line in lines:
             text = line.decode(errors="replace").rstrip()
             if text:
-                self.tail.append(text)
+                tail.append(text)
                 for hook in line_hooks:
-                    hook(self.name, text)
-                level = _line_level(text, self.healthy)
+                    hook(name, text)
+                level = _line_level(text, healthy)
                 if child_log.isEnabledFor(level):
-                    child_log.log(level, "[%s] %s", self.name, text)
+                    child_log.log(level, "[%s] %s", name, text)
 
     async def _wait(self) -> None:
         assert self.proc is not None

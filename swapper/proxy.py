@@ -1,12 +1,13 @@
-"""`/v1/*` and llama-server's native model routes: resolve the model, lease it, stream through.
+"""`/v1/*` and llama-server's native model routes: resolve the model, lease it, relay the answer.
 
 A request's life: size limit (413) -> JSON or multipart parse (400) -> model from the body's
 `model`, or the Gateway API's `X-Gateway-Model-Name` / `X-Gateway-Base-Model-Name` headers, with
 `owned_by` choosing between engines (400 on conflict, 404 listing known models) -> a lease from
 the scheduler (queues while the model swaps in; 503/504 from the error table) -> the body as sent
-(or the engine's rewrite) to the child over one shared client session -> the response streamed
-back chunk by chunk as it arrives. A client that disconnects cancels the handler, which closes
-the upstream request, so the child stops generating.
+(or the engine's rewrite) to the child over a pooled connection (upstreams.py) -> the answer
+relayed to the client's transport as its bytes arrive (relay.py, downstream.py). A request whose
+child died before answering waits for the reload. A client that disconnects cancels the handler,
+which closes the child's connection, so the child stops generating.
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ import os
 import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 
 from .catalog import Resolution
+from .downstream import (Downstream, RelayedResponse, UsageSniffer, answer_head, keeps_alive,
+                         request_head)
 from .errors import bad_request, error_response, from_scheduler, not_found_model
+from .middleware import answer_headers
+from .relay import CHUNKED, LENGTH, UNTIL_CLOSE, Exchange, Head, NoAnswer, UpstreamError
 from .scheduler import Lease, SchedulerError
 
 if TYPE_CHECKING:
@@ -42,51 +49,12 @@ AUDIO_PREFIX = "/v1/audio/"
 # request holds its model 2 s before it is forwarded), so llama.cpp's queue tests run unchanged
 FAKE_TIMING = bool(os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING"))
 
-HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
-}
-_RESP_SKIP = HOP_BY_HOP | {"server", "date", "access-control-allow-origin",
-                           "access-control-allow-credentials", "access-control-allow-headers",
-                           "access-control-allow-methods"}
-_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
-_USAGE_KEY = b'"usage"'
-
-
 def autoload_of(request: web.Request, settings: Any) -> bool:
     """llama.cpp router's rule: `?autoload=` wins ("true" or "1" load), else `--models-autoload`."""
     given = request.query.get("autoload")
     if not given:
         return bool(settings.models_autoload)
     return given in ("true", "1")
-
-
-class UsageSniffer:
-    """Finds the `usage` object in a response as it streams by (JSON body or last SSE events)."""
-
-    def __init__(self, limit: int = 1 << 20):
-        self.limit = limit
-        self.buf = bytearray()
-
-    def feed(self, chunk: bytes) -> None:
-        self.buf += chunk
-        if len(self.buf) > self.limit:
-            del self.buf[: len(self.buf) - 65536]
-
-    def usage(self) -> dict[str, Any] | None:
-        """The last `usage` object: searched backwards from the end, where engines put it."""
-        buf = self.buf
-        at = buf.rfind(_USAGE_KEY)
-        while at >= 0:
-            m = _USAGE_RE.match(buf, at)
-            if m:
-                try:
-                    u = json.loads(m.group(1))
-                except ValueError:
-                    return None
-                return u if isinstance(u, dict) else None
-            at = buf.rfind(_USAGE_KEY, 0, at)
-        return None
 
 
 def multipart_model(body: bytes, content_type: str) -> str | None:
@@ -117,17 +85,7 @@ class Proxy:
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.finished: list[Finished] = []
-        self._timeout: tuple[tuple[float, float], aiohttp.ClientTimeout] | None = None
-
-    def upstream_timeout(self) -> aiohttp.ClientTimeout:
-        """The upstream timeouts, built once per setting (not per request)."""
-        st = self.rt.settings
-        key = (st.upstream_connect_timeout, st.upstream_read_timeout)
-        if self._timeout is None or self._timeout[0] != key:
-            # sock_connect, not connect: waiting for a pooled connection (many requests granted
-            # at once after a cold swap) is not a connect timeout
-            self._timeout = (key, aiohttp.ClientTimeout(total=None, sock_connect=key[0], sock_read=key[1]))
-        return self._timeout[1]
+        self._addresses: dict[str, tuple[str, int]] = {}
 
     async def read_body(self, request: web.Request) -> bytes | web.Response:
         limit = self.rt.settings.max_body
@@ -283,85 +241,114 @@ class Proxy:
         """One try on a leased child; None when the child is gone and the request may wait again."""
         rt = self.rt
         entry, inst = lease.entry, lease.instance
-        path = request.path
         payload = raw
         if body is not None:
-            new = inst.backend.rewrite(path, body, entry, res.adapter)
+            new = inst.backend.rewrite(request.path, body, entry, res.adapter)
             if new is not None:
                 payload = json.dumps(new).encode()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers["X-Request-ID"] = request.get("request_id") or headers.get("X-Request-ID", "")
-        url = inst.base_url + path
-        if request.query_string:
-            url += "?" + request.query_string
-        if body is not None and body.get("stream") is True:
-            # llama-server drops the connection after a stream without saying so: never
-            # return such a connection to the pool
-            headers["Connection"] = "close"
-        timeout = self.upstream_timeout()
+        host, port = self._address(inst.base_url)
+        message = request_head(request, host, port, len(payload), body) + payload
+        stream = body is not None and body.get("stream") is True
+        st, pool = rt.settings, rt.upstreams
         for attempt in (1, 2):
-            upstream_cm = rt.session.request(request.method, url, data=payload or None, headers=headers,
-                                             timeout=timeout, allow_redirects=False)
             try:
-                upstream = await upstream_cm.__aenter__()
-                break
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-                # refused or reset before the status line: a child that died (wait for its exit
-                # to be known, then for the reload), or a pooled connection the child closed
-                # just as it was reused (llama-server drops idle keep-alive connections after
-                # 5 s): once more on a fresh one
+                ex = await pool.open(host, port, st.upstream_connect_timeout, fresh=attempt == 2)
+            except asyncio.TimeoutError as e:
+                return _upstream_error(entry.id, e)
+            except OSError as e:  # refused: a child that died, its exit not known yet
                 if await rt.scheduler.child_gone(inst, timeout=2.0):
-                    log.info("model %s: child exited before answering; the request waits for the reload",
-                             entry.id)
+                    log.info("model %s: child exited before answering; the request waits for the reload", entry.id)
                     return None
                 if attempt == 1:
-                    log.debug("model %s: retrying on a fresh connection after %r", entry.id, e)
                     continue
                 return _upstream_error(entry.id, e)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            try:
+                ex.send(request.method, message, st.upstream_read_timeout, keep_alive=not stream)
+                head = await ex.head
+            except NoAnswer as e:
+                # reset or closed before the status line: a child that died (wait for its exit to
+                # be known, then for the reload), or a pooled connection the child closed just as
+                # it was reused (llama-server drops idle keep-alive connections): once more on a
+                # fresh one
+                pool.release(host, port, ex)
+                if ex.reused and attempt == 1:
+                    log.debug("model %s: a kept-alive connection was closed under us (%s); a fresh one", entry.id, e)
+                    continue
+                if await rt.scheduler.child_gone(inst, timeout=2.0):
+                    log.info("model %s: child exited before answering; the request waits for the reload", entry.id)
+                    return None
+                if attempt == 1:
+                    log.debug("model %s: retrying on a fresh connection after %s", entry.id, e)
+                    continue
                 return _upstream_error(entry.id, e)
-        try:
-            return await self._stream_back(request, upstream, entry.id, t0)
-        finally:
-            await upstream_cm.__aexit__(None, None, None)
+            except UpstreamError as e:
+                pool.release(host, port, ex)
+                return _upstream_error(entry.id, e)
+            except BaseException:
+                pool.release(host, port, ex)
+                raise
+            try:
+                return await self._relay(request, ex, head, entry.id, t0)
+            finally:
+                pool.release(host, port, ex)
+        return None  # pragma: no cover - the loop always returns
 
-    async def _stream_back(self, request: web.Request, upstream: aiohttp.ClientResponse, model: str,
-                           t0: float) -> web.StreamResponse:
-        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for k, v in upstream.headers.items():
-            if k.lower() not in _RESP_SKIP:
-                resp.headers.add(k, v)
-        length = upstream.headers.get("Content-Length")
-        if length is not None and "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
-            resp.content_length = int(length)
-        sniff = UsageSniffer() if upstream.status == 200 else None
+    def _address(self, base_url: str) -> tuple[str, int]:
+        addr = self._addresses.get(base_url)
+        if addr is None:
+            u = urlsplit(base_url)
+            addr = self._addresses[base_url] = (u.hostname or "127.0.0.1", u.port or 80)
+        return addr
+
+    async def _relay(self, request: web.Request, ex: Exchange, head: Head, model: str,
+                     t0: float) -> web.StreamResponse:
+        """The child's answer to the client: the head (with swapper's request ID and CORS
+        headers), then the body straight to the client's transport as it arrives."""
+        keep_alive = keeps_alive(request, head)
+        http11 = request.version >= HttpVersion11
+        framed = head.framing == UNTIL_CLOSE and http11  # the child's body ends with its connection
+        raw_head = answer_head(request, head, answer_headers(self.rt, request), keep_alive,
+                               chunked=head.framing != LENGTH and http11)
+        metrics = self.rt.metrics
+
+        def first_byte() -> None:
+            ttft = request["ttft"] = time.monotonic() - t0
+            metrics.first_byte(model, ttft)
+
+        down = Downstream(request, ex, raw_head, first_byte)
+        sniff = UsageSniffer() if head.status == 200 else None
+        if head.framing == LENGTH or (head.framing == CHUNKED) == http11:  # the bytes as they are
+            ex.attach(down.write, sniff.feed if sniff else None)
+        else:  # de-chunked for an HTTP/1.0 client, or chunked for an HTTP/1.1 one
+            out = down.chunk if framed else down.write
+            ex.attach(None, out if sniff is None else _both(out, sniff.feed))
+        down.flush_head()
+        resp = RelayedResponse(head.status, head.reason or None, keep_alive)
         try:
-            await resp.prepare(request)
-            # per chunk (a streamed token, often): one read, one sniff, one write, nothing else
-            read, write = upstream.content.readany, resp.write
-            chunk = await read()
-            if chunk:
-                request["ttft"] = time.monotonic() - t0
-                self.rt.metrics.first_byte(model, request["ttft"])
-            while chunk:
-                if sniff is not None:
-                    sniff.feed(chunk)
-                await write(chunk)
-                chunk = await read()
-            await resp.write_eof()
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                asyncio.TimeoutError) as e:
+            await ex.done
+        except UpstreamError as e:
+            if down.gone:  # the client left first: that is a cancelled request, not a broken child
+                raise asyncio.CancelledError() from None
             log.warning("model %s: upstream broke off mid-response: %s", model, e)
-            if not resp.prepared:
-                return error_response(f"model '{model}' closed the connection: {e}", 502, "upstream_error")
-            # headers are gone: the only honest signal left is an incomplete response (and
-            # metrics count it as the error it is, not as the 200 the client saw first)
+            # the head is gone: the only honest signal left is an incomplete response (and
+            # metrics count it as the error it is, not as the status the client saw first)
             request["upstream_broken"] = True
-            request.transport.close() if request.transport else None
+            resp.force_close()
+            if request.transport is not None:
+                request.transport.close()
             return resp
+        if framed:
+            down.write(b"0\r\n\r\n")
         if sniff is not None:
             usage = sniff.usage()
             if usage:
                 request["usage"] = usage
-                self.rt.metrics.tokens(model, usage)
+                metrics.tokens(model, usage)
         return resp
+
+
+def _both(first: Callable[[bytes], None], second: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    def both(data: bytes) -> None:
+        first(data)
+        second(data)
+    return both

@@ -8,8 +8,11 @@ test_keys.py, test_metrics.py and test_serve_real.py.
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +26,7 @@ from swapper.app import build_runtime, create_app
 from swapper.config import ModelSpec, Settings
 from swapper.gpu import FakeProbe
 from swapper.proxy import UsageSniffer
+from swapper.relay import Exchange
 from swapper.synth import write_model
 
 MiB = 1 << 20
@@ -49,6 +53,8 @@ class StandIn:
         self.bodies.append(raw)
         self.headers.append(dict(request.headers))
         body = json.loads(raw)
+        if "big" in body:  # an answer of that many bytes
+            return web.json_response({"text": "x" * int(body["big"]), "usage": {"completion_tokens": 1}})
         n = int(body.get("max_tokens", 4))
         usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
         if not body.get("stream"):
@@ -110,13 +116,14 @@ async def front(tmp_path: Path, gguf: Path):  # noqa: ANN201
     """A factory: swapper's app with the given settings, in front of a fresh stand-in engine."""
     made: list[TestClient] = []
 
-    async def make(**settings: Any) -> tuple[TestClient, StandIn, Any]:
+    async def make(engine_url: str | None = None, **settings: Any) -> tuple[TestClient, StandIn, Any]:
         engine = StandIn()
         upstream = TestServer(engine.app())
         await upstream.start_server()
         st = Settings(state_dir=str(tmp_path / "state"), device="cpu", reserve=0,
                       models={"tiny": ModelSpec(name="tiny", path=str(gguf), footprint=8 * MiB)}, **settings)
-        rt = build_runtime(st, probe=FakeProbe(), launcher=StandInLauncher(str(upstream.make_url("")).rstrip("/"), st))
+        url = engine_url or str(upstream.make_url("")).rstrip("/")
+        rt = build_runtime(st, probe=FakeProbe(), launcher=StandInLauncher(url, st))
         client = TestClient(TestServer(create_app(rt)))
         await client.start_server()
         made.append(client)
@@ -256,8 +263,100 @@ def test_usage_sniffer_takes_the_last_usage_object():
 
 
 def test_usage_sniffer_keeps_the_tail_of_a_long_answer():
-    s = UsageSniffer(limit=4096)
+    s = UsageSniffer(pieces=8)
     for _ in range(500):
         s.feed(b'data: {"choices": [{"text": "a"}]}\n\n')
     s.feed(b'data: {"usage": {"completion_tokens": 500}}\n\n')
-    assert len(s.buf) <= 4096 + 65536 and s.usage() == {"completion_tokens": 500}
+    assert len(s.pieces) == 8 and s.usage() == {"completion_tokens": 500}
+
+
+# ------------------------------------------------------------------------------ the relay, as clients see it
+
+
+def on_one_connection(port: int, requests: list[tuple[str, dict[str, Any]]], version: str = "HTTP/1.1",
+         slow: bool = False) -> list[tuple[int, dict[str, str], bytes]]:
+    """Requests sent one after another on one connection, with the standard library's client
+    (it parses framing strictly and refuses to reuse a connection it cannot trust)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    if version == "HTTP/1.0":
+        conn._http_vsn, conn._http_vsn_str = 10, "HTTP/1.0"  # type: ignore[attr-defined]
+    out = []
+    for path, body in requests:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if slow:
+            data = b""
+            while chunk := r.read(256 << 10):
+                data += chunk
+                time.sleep(0.01)
+        else:
+            data = r.read()
+        out.append((r.status, {k.lower(): v for k, v in r.getheaders()}, data))
+        if r.will_close:
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.close()
+    return out
+
+
+async def test_a_kept_alive_client_sends_its_next_request_after_a_stream_on_the_same_connection(front):
+    client, _, _ = await front()
+    answers = await asyncio.to_thread(on_one_connection, client.port, [
+        ("/v1/completions", {**BODY, "stream": True, "max_tokens": 5}),
+        ("/v1/completions", BODY), ("/v1/completions", {**BODY, "stream": True})])
+    assert [a[0] for a in answers] == [200, 200, 200]
+    stream, plain, _ = answers
+    assert stream[1]["transfer-encoding"] == "chunked" and "connection" not in stream[1]
+    assert stream[2].count(b"data: ") == 6 and stream[2].endswith(b"data: [DONE]\n\n")
+    assert json.loads(plain[2])["usage"]["completion_tokens"] == 3
+
+
+async def test_an_http10_client_gets_the_stream_without_chunks_and_then_the_close(front):
+    client, _, rt = await front()
+    [(status, headers, body)] = await asyncio.to_thread(
+        on_one_connection, client.port, [("/v1/completions", {**BODY, "stream": True, "max_tokens": 4})], "HTTP/1.0")
+    assert status == 200 and "transfer-encoding" not in headers
+    assert body.count(b"data: ") == 5 and body.endswith(b"data: [DONE]\n\n")
+    assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 4
+
+
+async def test_an_answer_that_ends_with_the_engines_connection_reaches_the_client_chunked(front):
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: a\n\n")
+        await writer.drain()
+        writer.write(b'data: {"usage": {"completion_tokens": 2}}\n\n')
+        writer.close()
+
+    server = await asyncio.start_server(engine, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client, _, rt = await front(engine_url=f"http://127.0.0.1:{port}")
+    answers = await asyncio.to_thread(on_one_connection, client.port, [("/v1/completions", BODY)] * 2)
+    for status, headers, body in answers:
+        assert status == 200 and headers["transfer-encoding"] == "chunked"
+        assert body == b'data: a\n\ndata: {"usage": {"completion_tokens": 2}}\n\n'
+    assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 4
+    server.close()
+
+
+async def test_a_large_answer_to_a_slow_reader_arrives_whole_with_the_engine_paused_meanwhile(front, monkeypatch):
+    pauses = []
+    pause = Exchange.pause
+    monkeypatch.setattr(Exchange, "pause", lambda self: (pauses.append(1), pause(self)))
+    client, _, _ = await front()
+    size = 24 << 20  # many times the relay's high-water mark and the sockets' buffers
+    [(status, _, body)] = await asyncio.to_thread(on_one_connection, client.port,
+                                                  [("/v1/completions", {**BODY, "big": size})], "HTTP/1.1", True)
+    assert status == 200 and json.loads(body)["text"] == "x" * size
+    assert pauses, "the engine's connection was paused while the client fell behind"
+
+
+async def test_relayed_answers_carry_the_request_id_and_cors_headers(front):
+    client, _, _ = await front(cors_origins=["https://ui.example"])
+    for body in (BODY, {**BODY, "stream": True}):
+        r = await client.post("/v1/completions", json=body, headers={"Origin": "https://ui.example",
+                                                                     "X-Request-ID": "rid-7"})
+        await r.read()
+        assert r.headers["X-Request-ID"] == "rid-7"
+        assert r.headers["Access-Control-Allow-Origin"] == "https://ui.example"
+        assert r.headers["Date"] and r.headers["Server"]

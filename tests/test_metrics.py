@@ -169,6 +169,7 @@ def _load_and_evict(s, client) -> None:  # noqa: ANN001
 def test_every_swap_is_logged_once_as_text(swapper_factory, models_dir, openai_client):
     s = swapper_factory("--models-dir", str(models_dir), "--max-models", "1")
     _load_and_evict(s, openai_client(s))
+    s.wait_for(lambda: s.log().count(" swap ") >= 4, 10, "four swap lines")  # log lines leave in batches
     lines = [ln for ln in s.log().splitlines() if " swap " in ln]
     pat = re.compile(r" swap (\w+) model=(\S+) reason=(\w+) bytes=(\d+) seconds=(\d+\.\d{3})")
     swaps = [pat.search(ln) for ln in lines]

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import AsyncIterator, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..catalog import Adapter, Catalog, ModelEntry
 from ..estimate import Estimator
@@ -137,26 +137,9 @@ class Scheduler(EffectsRunner):
 
     # ------------------------------------------------------------------ requests
 
-    @contextlib.asynccontextmanager
-    async def acquire(self, model_id: str, adapter: Adapter | None = None, *,
-                      autoload: bool = True) -> AsyncIterator[Lease]:
-        """Wait until the model is resident and hold an in-flight slot on it."""
-        m = self._model(model_id)
-        await self.prepare(m.entry)
-        wid, fut = self._waiter()
-        self._arrive(E.Arrived(wid, model_id, self._estimate(m), autoload=autoload, overhead=self._overhead(m)))
-        try:
-            instance = await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.feed(E.Released(model_id))  # granted in the instant the client left
-            else:
-                self.feed(E.Left(wid, model_id))
-            raise
-        try:
-            yield Lease(m, instance, adapter)
-        finally:
-            self.feed(E.Released(model_id))
+    def acquire(self, model_id: str, adapter: Adapter | None = None, *, autoload: bool = True) -> Acquisition:
+        """`async with`: wait until the model is resident and hold an in-flight slot on it."""
+        return Acquisition(self, model_id, adapter, autoload)
 
     async def prepare(self, entry: ModelEntry) -> None:
         """Compute a model's estimate off the event loop (reading a big vocabulary takes a while)."""
@@ -309,3 +292,33 @@ def _host_total() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total)
+
+
+class Acquisition:
+    """What `Scheduler.acquire` returns: a class rather than a generator-based context manager,
+    since every proxied request enters one."""
+
+    __slots__ = ("scheduler", "model_id", "adapter", "autoload")
+
+    def __init__(self, scheduler: Scheduler, model_id: str, adapter: Adapter | None, autoload: bool):
+        self.scheduler, self.model_id, self.adapter, self.autoload = scheduler, model_id, adapter, autoload
+
+    async def __aenter__(self) -> Lease:
+        s, model_id = self.scheduler, self.model_id
+        m = s._model(model_id)
+        if not m.measured:
+            await s.prepare(m.entry)
+        wid, fut = s._waiter()
+        s._arrive(E.Arrived(wid, model_id, s._estimate(m), autoload=self.autoload, overhead=s._overhead(m)))
+        try:
+            instance = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                s.feed(E.Released(model_id))  # granted in the instant the client left
+            else:
+                s.feed(E.Left(wid, model_id))
+            raise
+        return Lease(m, instance, self.adapter)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.scheduler.feed(E.Released(self.model_id))

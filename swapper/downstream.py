@@ -1,0 +1,212 @@
+"""Both ends of a relayed request as bytes: the request head for the child, the answer for the client.
+
+The answer's head is written here rather than by aiohttp's `StreamResponse` so that a short
+answer (head and body arrived together from the child) leaves in one `write`, and a streamed
+token costs one `transport.write` (see relay.py for why the HTTP library is bypassed). aiohttp
+still owns the client connection: it parsed the request, and the `RelayedResponse` returned to
+it says whether the connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import re
+import time
+from email.utils import formatdate
+from typing import Any, Iterable
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from .relay import LENGTH, Exchange, Head
+
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
+}
+_REQUEST_SKIP = {h.encode() for h in HOP_BY_HOP} | {b"expect", b"proxy-connection"}
+_ANSWER_SKIP = HOP_BY_HOP | {"server", "date", "access-control-allow-origin", "access-control-allow-credentials",
+                             "access-control-allow-headers", "access-control-allow-methods"}
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+_USAGE_KEY = b'"usage"'
+_SERVER = SERVER_SOFTWARE.encode()
+
+
+def request_head(request: web.Request, host: str, port: int, length: int, body: dict[str, Any] | None) -> bytes:
+    """The request line and headers for the child: the client's own headers, less hop-by-hop
+    ones and keys, with swapper's request ID; `Connection: close` for a stream, since
+    llama-server drops the connection after a stream without saying so."""
+    target = request.raw_path
+    if not target.startswith("/"):
+        target = request.rel_url.raw_path_qs
+    rid = request.get("request_id")
+    parts = [b"%s %s HTTP/1.1\r\nHost: %s:%d\r\n" % (request.method.encode(), target.encode(), host.encode(), port)]
+    typed = False
+    for name, value in request.raw_headers:
+        low = name.lower()
+        if low in _REQUEST_SKIP or (rid and low == b"x-request-id"):
+            continue
+        typed = typed or low == b"content-type"
+        parts.append(name + b": " + value + b"\r\n")
+    if rid:
+        parts.append(b"X-Request-ID: " + rid.encode() + b"\r\n")
+    if body is not None and not typed:
+        parts.append(b"Content-Type: application/json\r\n")
+    if length or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        parts.append(b"Content-Length: %d\r\n" % length)
+    if body is not None and body.get("stream") is True:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        t = int(time.time())
+        if t != cls.second:
+            cls.second, cls.value = t, formatdate(t, usegmt=True).encode()
+        return cls.value
+
+
+def answer_head(request: web.Request, head: Head, extra: Iterable[tuple[str, str]], keep_alive: bool,
+                chunked: bool) -> bytes:
+    """The status line and headers the client gets: the child's, less hop-by-hop ones, plus
+    swapper's (request ID, CORS), with the framing this hop uses."""
+    v = request.version
+    lines = [b"HTTP/%d.%d %d %s\r\n" % (v.major, v.minor, head.status, head.reason.encode("latin-1"))]
+    for k, val in head.headers:
+        low = k.lower()
+        if low not in _ANSWER_SKIP or (low == "content-length" and request.method == "HEAD"):
+            lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), val.encode("latin-1")))
+    for k, val in extra:
+        lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), val.encode("latin-1")))
+    if head.status in (204, 304) or request.method == "HEAD":
+        pass
+    elif head.framing == LENGTH:
+        lines.append(b"Content-Length: %d\r\n" % head.length)
+    elif chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines.append(b"Date: " + _Date.now() + b"\r\nServer: " + _SERVER + b"\r\n")
+    if v >= (1, 1) and not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    elif v < (1, 1) and keep_alive:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def keeps_alive(request: web.Request, head: Head) -> bool:
+    """Whether the client's connection can carry another request after this answer: an
+    HTTP/1.0 client learns where a body ends without a length only from the close."""
+    return request.keep_alive and (head.framing == LENGTH or request.version >= (1, 1))
+
+
+class RelayedResponse(web.StreamResponse):
+    """What the handler returns once the relay has written the whole answer to the transport:
+    aiohttp must neither write a head nor an end of its own, only learn about keep-alive."""
+
+    def __init__(self, status: int, reason: str | None, keep_alive: bool):
+        super().__init__(status=status, reason=reason)
+        self._relayed_keep_alive = keep_alive
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._relayed_keep_alive
+
+    def force_close(self) -> None:
+        self._relayed_keep_alive = False
+
+    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+class UsageSniffer:
+    """Finds the `usage` object at the end of an answer (JSON body or last SSE events).
+
+    It keeps the last pieces of the body as they were delivered (`feed` is a deque's append,
+    so a streamed token costs one C call) and searches them once, when the answer is complete.
+    """
+
+    def __init__(self, pieces: int = 32):
+        self.pieces: collections.deque[bytes] = collections.deque(maxlen=pieces)
+        self.feed = self.pieces.append
+
+    def usage(self) -> dict[str, Any] | None:
+        """The last `usage` object: searched backwards from the end, where engines put it."""
+        buf = b"".join(self.pieces)
+        at = buf.rfind(_USAGE_KEY)
+        while at >= 0:
+            m = _USAGE_RE.match(buf, at)
+            if m:
+                try:
+                    u = json.loads(m.group(1))
+                except ValueError:
+                    return None
+                return u if isinstance(u, dict) else None
+            at = buf.rfind(_USAGE_KEY, 0, at)
+        return None
+
+
+class Downstream:
+    """The client's side of one relayed answer: the head (sent with the first body bytes when
+    they came together), each piece as it arrives, the first byte's time, and back-pressure (a
+    slow client pauses the child's connection instead of growing a buffer)."""
+
+    HIGH_WATER = 1 << 20
+
+    def __init__(self, request: web.Request, ex: Exchange, head: bytes, on_first: Any):
+        self.ex = ex
+        self.transport = request.transport
+        self.writer = request.writer
+        self.head: bytes | None = head
+        self.on_first = on_first
+        self.paused = False
+        self.gone = False
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():  # the client left: the handler is being cancelled
+            self.gone = True
+            self.ex.close()
+            return
+        if self.on_first is not None:
+            self.on_first()
+            self.on_first = None
+            if self.head is not None:
+                data, self.head = self.head + data, None
+        t.write(data)
+        if t.get_write_buffer_size() > self.HIGH_WATER and not self.paused:
+            self.paused = True
+            self.ex.pause()
+            asyncio.get_running_loop().create_task(self._resume())
+
+    def flush_head(self) -> None:
+        """The head alone, when no body byte came with it (a stream's first token is to come)."""
+        if self.head is not None:
+            head, self.head = self.head, None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(head)
+
+    def chunk(self, data: bytes) -> None:
+        """A piece of a body that ends with the child's connection, chunk-framed for the client."""
+        self.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    async def _resume(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError):
+            self.ex.close()
+            return
+        self.paused = False
+        self.ex.resume()

@@ -1,0 +1,98 @@
+"""Connections to the children, pooled per address (the engine side of relay.py's exchanges)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from .relay import Exchange
+
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
+class Upstreams:
+    """Connections to the children, pooled per address.
+
+    At most `limit` at once per child, idle ones included: an idle kept-alive connection holds
+    one of llama-server's HTTP threads. Idle connections are not reused after `idle_timeout`
+    (llama-server closes them after 5 s, and a close racing a reuse would cost a retry).
+    """
+
+    def __init__(self, limit: int, idle_timeout: float = 4.0):
+        self.limit = limit
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, int], list[Exchange]] = {}
+        self._busy: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._waiters: dict[tuple[str, int], collections.deque[asyncio.Future[None]]] = {}
+
+    async def open(self, host: str, port: int, connect_timeout: float, fresh: bool = False) -> Exchange:
+        """A connection to the child, idle one first (unless `fresh`); waits while `limit` are in use."""
+        key = (host, port)
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = self._idle.get(key)
+            if idle:
+                now = loop.time()
+                while idle and (idle[-1].closed or now - idle[-1].idle_since >= self.idle_timeout):
+                    idle.pop().close()
+                if idle and not fresh:
+                    ex = idle.pop()
+                    self._busy[key] += 1
+                    ex._reset()
+                    ex.reused = True
+                    return ex
+            if self._busy[key] + len(idle or ()) < self.limit:
+                break
+            if idle:  # drop the ones the child closed since they went idle, then count again
+                idle[:] = [ex for ex in idle if not ex.closed]
+                if self._busy[key] + len(idle) < self.limit:
+                    break
+            if idle:  # a fresh connection wanted and no room: the oldest idle one makes room
+                idle.pop(0).close()
+                continue
+            fut = loop.create_future()
+            self._waiters.setdefault(key, collections.deque()).append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake(key)  # pass on a wake-up this waiter can no longer use
+                raise
+        self._busy[key] += 1
+        try:
+            if _timeout is not None:  # no task of its own per connect, as wait_for would make
+                async with _timeout(connect_timeout or None):
+                    _, ex = await loop.create_connection(lambda: Exchange(loop), host, port)
+            else:  # pragma: no cover - Python 3.10
+                _, ex = await asyncio.wait_for(loop.create_connection(lambda: Exchange(loop), host, port),
+                                               connect_timeout or None)
+            return ex
+        except BaseException:
+            self._busy[key] -= 1
+            self._wake(key)
+            raise
+
+    def release(self, host: str, port: int, ex: Exchange) -> None:
+        """Back to the pool when the answer was complete and the child keeps the connection open."""
+        key = (host, port)
+        self._busy[key] -= 1
+        if ex.reusable:
+            ex.idle_since = asyncio.get_running_loop().time()
+            self._idle.setdefault(key, []).append(ex)
+        else:
+            ex.close()
+        self._wake(key)
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for ex in idle:
+                ex.close()
+        self._idle.clear()
+
+    def _wake(self, key: tuple[str, int]) -> None:
+        waiters = self._waiters.get(key)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return

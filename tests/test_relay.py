@@ -1,0 +1,249 @@
+"""The hop to a child below the HTTP library: framing, pooling, timeouts and breaks, byte for byte.
+
+A scripted loopback server answers with exactly the bytes each test gives it, split as the test
+says, so every way an answer can be framed (length, chunks split anywhere, until close) and cut
+is covered without an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Callable
+
+import pytest
+
+from swapper.relay import BrokenAnswer, NoAnswer, SilentUpstream, UpstreamError, parse_head
+from swapper.upstreams import Upstreams
+
+REQUEST = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+class Scripted:
+    """A loopback server whose handler for each connection is set by the test."""
+
+    def __init__(self) -> None:
+        self.handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], object] | None = None
+        self.connections = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        assert self.handler is not None
+        try:
+            await self.handler(reader, writer)  # type: ignore[misc]
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Scripted]:
+    s = Scripted()
+    await s.start()
+    yield s
+    assert s.server is not None
+    s.server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def answering(*pieces: bytes, close: bool = False, requests: int = 1, pause: float = 0.0) -> Callable:
+    """A handler that answers each request with `pieces`, written one at a time."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(requests):
+            await read_request(reader)
+            for p in pieces:
+                writer.write(p)
+                await writer.drain()
+                if pause:
+                    await asyncio.sleep(pause)
+        if close:
+            writer.close()
+        else:
+            await reader.read()  # hold the connection until the client drops it
+
+    return handler
+
+
+async def exchange(pool: Upstreams, port: int, method: str = "POST", timeout: float = 5.0,
+                   keep_alive: bool = True) -> tuple[int, bytes, bytes, object]:
+    """One request through the pool: (status, raw bytes relayed, payload, exchange)."""
+    ex = await pool.open("127.0.0.1", port, 5.0)
+    raw: list[bytes] = []
+    payload: list[bytes] = []
+    try:
+        ex.send(method, REQUEST.replace(b"POST", method.encode(), 1), timeout, keep_alive=keep_alive)
+        head = await ex.head
+        ex.attach(raw.append, payload.append)
+        await ex.done
+        return head.status, b"".join(raw), b"".join(payload), ex
+    finally:
+        pool.release("127.0.0.1", port, ex)
+
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"9\r\ndata: one\r\n"
+           b"9;ext=1\r\ndata: two\r\n"
+           b"0\r\nX-Trailer: t\r\n\r\n")
+
+
+async def test_a_chunked_answer_is_relayed_as_framed_and_its_payload_is_found_wherever_it_is_split(upstream):
+    head_end = CHUNKED.index(b"\r\n\r\n") + 4
+    body = CHUNKED[head_end:]
+    for cut in range(1, len(body)):
+        upstream.handler = answering(CHUNKED[:head_end + cut], CHUNKED[head_end + cut:], pause=0.001)
+        pool = Upstreams(4)
+        status, raw, payload, _ = await exchange(pool, upstream.port)
+        assert status == 200
+        assert raw == body, f"split at {cut}"
+        assert payload == b"data: onedata: two", f"split at {cut}"
+        pool.close()
+
+
+async def test_a_length_framed_answer_ends_at_its_length_and_its_connection_is_reused(upstream):
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    upstream.handler = answering(answer[:20], answer[20:], requests=3)
+    pool = Upstreams(4)
+    for i in range(3):
+        status, raw, payload, ex = await exchange(pool, upstream.port)
+        assert (status, raw, payload) == (200, b"hello", b"hello")
+        assert ex.reused == (i > 0)
+    assert upstream.connections == 1
+    pool.close()
+
+
+async def test_an_answer_without_length_or_chunks_ends_with_the_connection(upstream):
+    upstream.handler = answering(b"HTTP/1.1 200 OK\r\n\r\nall ", b"of it", close=True)
+    pool = Upstreams(4)
+    status, raw, _, ex = await exchange(pool, upstream.port)
+    assert (status, raw) == (200, b"all of it")
+    assert not ex.reusable
+    pool.close()
+
+
+async def test_interim_answers_are_skipped_and_bodiless_ones_end_at_their_head(upstream):
+    upstream.handler = answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+    pool = Upstreams(4)
+    status, raw, _, _ = await exchange(pool, upstream.port)
+    assert (status, raw) == (204, b"")
+    pool.close()
+    upstream.handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+    status, raw, _, _ = await exchange(pool, upstream.port, method="HEAD")
+    assert (status, raw) == (200, b""), "a HEAD answer has no body whatever its length says"
+    pool.close()
+
+
+async def test_a_connection_closed_before_the_status_line_is_no_answer(upstream):
+    upstream.handler = answering(close=True)
+    pool = Upstreams(4)
+    with pytest.raises(NoAnswer):
+        await exchange(pool, upstream.port)
+    pool.close()
+
+
+async def test_a_connection_closed_inside_the_body_is_a_broken_answer(upstream):
+    upstream.handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf", close=True)
+    pool = Upstreams(4)
+    with pytest.raises(BrokenAnswer):
+        await exchange(pool, upstream.port)
+    upstream.handler = answering(CHUNKED[:-12], close=True)
+    with pytest.raises(BrokenAnswer):
+        await exchange(pool, upstream.port)
+    pool.close()
+
+
+async def test_a_child_silent_longer_than_the_read_timeout_fails_the_answer(upstream):
+    upstream.handler = answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n", pause=5.0)
+    pool = Upstreams(4)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(SilentUpstream):
+        await exchange(pool, upstream.port, timeout=0.3)
+    assert loop.time() - t0 < 3.0
+    pool.close()
+
+
+async def test_a_garbled_answer_is_an_upstream_error(upstream):
+    upstream.handler = answering(b"SPDY/9 what\r\n\r\n")
+    pool = Upstreams(4)
+    with pytest.raises(UpstreamError):
+        await exchange(pool, upstream.port)
+    upstream.handler = answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    with pytest.raises(BrokenAnswer):
+        await exchange(pool, upstream.port)
+    pool.close()
+
+
+async def test_a_request_that_asked_for_close_never_returns_its_connection_to_the_pool(upstream):
+    upstream.handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", requests=2)
+    pool = Upstreams(4)
+    await exchange(pool, upstream.port, keep_alive=False)
+    await exchange(pool, upstream.port)
+    assert upstream.connections == 2
+    pool.close()
+
+
+async def test_the_child_saying_close_keeps_the_connection_out_of_the_pool(upstream):
+    upstream.handler = answering(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    pool = Upstreams(4)
+    await exchange(pool, upstream.port)
+    await exchange(pool, upstream.port)
+    assert upstream.connections == 2
+    pool.close()
+
+
+async def test_no_more_connections_than_the_limit_and_waiters_are_served_in_turn(upstream):
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    upstream.handler = slow
+    pool = Upstreams(2)
+    tasks = [asyncio.create_task(exchange(pool, upstream.port)) for _ in range(5)]
+    for _ in range(200):
+        if upstream.connections == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.connections == 2
+    release.set()
+    results = await asyncio.gather(*tasks)
+    assert [r[1] for r in results] == [b"ok"] * 5
+    assert upstream.connections == 2, "the waiters reused the two connections"
+    pool.close()
+
+
+async def test_an_idle_connection_past_its_time_is_not_reused(upstream):
+    upstream.handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", requests=2)
+    pool = Upstreams(4, idle_timeout=0.0)
+    await exchange(pool, upstream.port)
+    await exchange(pool, upstream.port)
+    assert upstream.connections == 2
+    pool.close()
+
+
+def test_heads_are_read_as_the_child_wrote_them():
+    h = parse_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nX-A: b: c", "POST")
+    assert (h.status, h.reason, h.length, h.close) == (404, "Not Found", 3, False)
+    assert ("X-A", "b: c") in h.headers
+    assert parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 0", "GET").close
+    assert not parse_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0", "GET").close
+    for bad in (b"HTTP/1.1 abc", b"HTTP/1.1 200 OK\r\nno colon", b"HTTP/1.1 200 OK\r\nContent-Length: -1"):
+        with pytest.raises(UpstreamError):
+            parse_head(bad, "GET")
