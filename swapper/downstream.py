@@ -27,8 +27,9 @@ HOP_BY_HOP = {
     "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
 }
 _REQUEST_SKIP = {h.encode() for h in HOP_BY_HOP} | {b"expect", b"proxy-connection"}
-_ANSWER_SKIP = HOP_BY_HOP | {"server", "date", "access-control-allow-origin", "access-control-allow-credentials",
-                             "access-control-allow-headers", "access-control-allow-methods"}
+_ANSWER_SKIP = {h.encode() for h in HOP_BY_HOP} | {
+    b"server", b"date", b"access-control-allow-origin", b"access-control-allow-credentials",
+    b"access-control-allow-headers", b"access-control-allow-methods"}
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 _USAGE_KEY = b'"usage"'
 _SERVER = SERVER_SOFTWARE.encode()
@@ -63,7 +64,7 @@ def request_head(request: web.Request, host: str, port: int, length: int, body: 
 
 
 class _Date:
-    """The Date header, formatted once a second."""
+    """The Date and Server header lines, formatted once a second."""
 
     second = -1
     value = b""
@@ -72,7 +73,8 @@ class _Date:
     def now(cls) -> bytes:
         t = int(time.time())
         if t != cls.second:
-            cls.second, cls.value = t, formatdate(t, usegmt=True).encode()
+            cls.second = t
+            cls.value = b"Date: " + formatdate(t, usegmt=True).encode() + b"\r\nServer: " + _SERVER + b"\r\n"
         return cls.value
 
 
@@ -81,20 +83,20 @@ def answer_head(request: web.Request, head: Head, extra: Iterable[tuple[str, str
     """The status line and headers the client gets: the child's, less hop-by-hop ones, plus
     swapper's (request ID, CORS), with the framing this hop uses."""
     v = request.version
+    is_head = request.method == "HEAD"
     lines = [b"HTTP/%d.%d %d %s\r\n" % (v.major, v.minor, head.status, head.reason.encode("latin-1"))]
-    for k, val in head.headers:
-        low = k.lower()
-        if low not in _ANSWER_SKIP or (low == "content-length" and request.method == "HEAD"):
-            lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), val.encode("latin-1")))
+    for low, name, value in head.headers:
+        if low not in _ANSWER_SKIP or (is_head and low == b"content-length"):
+            lines.append(name + b": " + value + b"\r\n")
     for k, val in extra:
         lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), val.encode("latin-1")))
-    if head.status in (204, 304) or request.method == "HEAD":
+    if head.status in (204, 304) or is_head:
         pass
     elif head.framing == LENGTH:
         lines.append(b"Content-Length: %d\r\n" % head.length)
     elif chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
-    lines.append(b"Date: " + _Date.now() + b"\r\nServer: " + _SERVER + b"\r\n")
+    lines.append(_Date.now())
     if v >= (1, 1) and not keep_alive:
         lines.append(b"Connection: close\r\n")
     elif v < (1, 1) and keep_alive:

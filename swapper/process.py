@@ -172,15 +172,14 @@ class ChildProcess:
             while True:
                 data, eof = _read_available(fd)
                 if data:
-                    lines = (partial + data).split(b"\n") if partial else data.split(b"\n")
-                    partial = lines.pop()
+                    whole, _, partial = (partial + data).rpartition(b"\n")
                     if len(partial) > 1 << 20:  # a "line" with no end in sight: show what there is
-                        lines.append(partial)
-                        partial = b""
-                    self._lines(lines)
+                        whole, partial = whole + b"\n" + partial, b""
+                    if whole:
+                        self._lines(whole.decode(errors="replace").split("\n"))
                 if eof:
                     if partial:
-                        self._lines([partial])
+                        self._lines([partial.decode(errors="replace")])
                     return
                 if len(data) >= PIPE_SIZE // 4:  # a burst: read on soon, but let the loop run
                     await asyncio.sleep(0)
@@ -196,10 +195,10 @@ class ChildProcess:
         finally:
             os.close(fd)
 
-    def _lines(self, lines: list[bytes]) -> None:
+    def _lines(self, lines: list[str]) -> None:
         healthy, tail, name = self.healthy, self.tail, self.name
         for line in lines:
-            text = line.decode(errors="replace").rstrip()
+            text = line.rstrip()
             if text:
                 tail.append(text)
                 for hook in line_hooks:

@@ -47,39 +47,40 @@ class SilentUpstream(UpstreamError, asyncio.TimeoutError):
 class Head:
     status: int
     reason: str
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes, bytes]]  # (lower-case name, name, value) as sent
     framing: int  # LENGTH, CHUNKED or UNTIL_CLOSE
     length: int  # the body's size when framing is LENGTH
     close: bool  # the child closes the connection after this answer
 
 
 def parse_head(raw: bytes, method: str) -> Head:
-    """The status line and headers of an answer (without the blank line that ends them)."""
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    """The status line and headers of an answer (without the blank line that ends them), kept
+    as bytes: they go on to the client as they came."""
+    lines = raw.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         raise UpstreamError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
     status = int(parts[1])
-    headers: list[tuple[str, str]] = []
+    headers: list[tuple[bytes, bytes, bytes]] = []
     length: int | None = None
     chunked = False
-    close = parts[0] == "HTTP/1.0"
+    close = parts[0] == b"HTTP/1.0"
     for line in lines[1:]:
-        name, sep, value = line.partition(":")
+        name, sep, value = line.partition(b":")
         if not sep:
             raise UpstreamError(f"malformed header line: {line[:80]!r}")
         name, value = name.strip(), value.strip()
         low = name.lower()
-        if low == "content-length":
+        if low == b"content-length":
             if not value.isdigit():
                 raise UpstreamError(f"bad Content-Length: {value[:40]!r}")
             length = int(value)
-        elif low == "transfer-encoding":
-            chunked = value.lower().endswith("chunked")
-        elif low == "connection":
-            tokens = {t.strip().lower() for t in value.split(",")}
-            close = "close" in tokens or (close and "keep-alive" not in tokens)
-        headers.append((name, value))
+        elif low == b"transfer-encoding":
+            chunked = value.lower().endswith(b"chunked")
+        elif low == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            close = b"close" in tokens or (close and b"keep-alive" not in tokens)
+        headers.append((low, name, value))
     if method == "HEAD" or status in (204, 304):
         framing, length = LENGTH, 0
     elif chunked:
@@ -88,7 +89,7 @@ def parse_head(raw: bytes, method: str) -> Head:
         framing = LENGTH
     else:
         framing, length, close = UNTIL_CLOSE, 0, True
-    return Head(status, parts[2] if len(parts) > 2 else "", headers, framing, length, close)
+    return Head(status, parts[2].decode("latin-1") if len(parts) > 2 else "", headers, framing, length, close)
 
 
 class Exchange(asyncio.Protocol):
@@ -118,6 +119,7 @@ class Exchange(asyncio.Protocol):
         self._raw: Sink | None = None
         self._payload: Sink | None = None
         self._attached = False
+        self._streaming = False
         self._framing = LENGTH
         self._left = 0
         self._chunk_state = _SIZE
@@ -135,6 +137,11 @@ class Exchange(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last = self.loop.time()
+        if self._streaming:  # a chunked body under way: the path every streamed token takes
+            if self._raw is not None:
+                self._raw(data)
+            self._chunks(data)
+            return
         if self._in_head:
             data = self._read_head(data)
             if not data:
@@ -177,6 +184,7 @@ class Exchange(asyncio.Protocol):
         early, self._early = self._early, []
         for data in early:
             self._body(data)
+        self._streaming = self._framing == CHUNKED and not self.done.done()
         if self._lost is not None and not self.done.done():
             self._end_of_stream(None if isinstance(self._lost, EOFError) else self._lost)  # type: ignore[arg-type]
 
@@ -272,7 +280,7 @@ class Exchange(asyncio.Protocol):
             except ValueError:  # extensions, or garbage: the general path decides
                 break
             end = eol + 2 + size
-            if size == 0 or end + 2 > n or data[end:end + 2] != b"\r\n":
+            if size == 0 or end + 2 > n or not data.startswith(b"\r\n", end):
                 break
             if payload is not None:
                 payload(data[eol + 2:end])
@@ -329,11 +337,13 @@ class Exchange(asyncio.Protocol):
             self._fail(BrokenAnswer(f"connection closed inside the answer ({exc or 'EOF'})"))
 
     def _finish(self) -> None:
+        self._streaming = False
         self._stop_watch()
         if not self.done.done():
             self.done.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
+        self._streaming = False
         self._stop_watch()
         self._reusable = False
         for fut in (self.head, self.done):

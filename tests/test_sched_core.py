@@ -185,6 +185,26 @@ def test_a_crash_long_after_the_reload_is_not_a_loop():
     assert starts(effs) == ["a"]
 
 
+def test_requests_on_a_ready_model_at_rest_are_granted_and_released_without_a_pump():
+    s = Spec({"a": 600 * MiB, "b": 600 * MiB}, 1000 * MiB)
+    s.serve("a")
+    assert s.core.at_rest
+    pumps = []
+    pump = s.core.pump
+    s.core.pump = lambda: (pumps.append(1), pump())  # type: ignore[method-assign]
+    wid, effs = s.arrive("a")
+    assert granted(effs) == [wid] and s.m("a").inflight == 2
+    s.send(E.Released("a"))
+    assert pumps == [] and s.core.at_rest, "nothing waits anywhere: nothing to pump"
+    # once another model waits for room, a release on the ready model is what lets it in
+    wid_b, effs = s.arrive("b")
+    assert not starts(effs) and not s.core.at_rest and pumps == [1]
+    effs = s.send(E.Released("a"))
+    assert stops(effs) == ["a"], "a, idle now, is evicted for b"
+    s.stopped("a")
+    assert granted(s.loaded("b")) == [wid_b]
+
+
 def test_a_victim_that_crashes_while_draining_lets_its_claimant_load_at_once():
     s = Spec({"a": 600 * MiB, "b": 600 * MiB}, 1000 * MiB, max_wait=10)
     s.serve("a")  # a long stream on a

@@ -25,6 +25,9 @@ from .ledger import Device, Reading
 from .lifecycle import SERVING, STARTING, Leaving, Model, Starting, State, Waiter
 from .settings import SchedulerConfig
 
+_ON_READY_ONLY = (Arrived, Released)
+_PUMPED = (State.DRAINING, State.AWAITING_ROOM)
+
 log = logging.getLogger("swapper.scheduler")
 
 
@@ -50,6 +53,7 @@ class Core(Devices, Admission):
         self.models: dict[str, Model] = {}
         self.names: list[str] = []
         self.closing = False
+        self.at_rest = False
         self.revision = 0  # bumped by every state change (the status stream's "anything new?")
         self.out: list[Effect] = []
         self._internal = -1  # waiter ids for loads nobody awaits (reload restarts)
@@ -60,9 +64,26 @@ class Core(Devices, Admission):
         self.out = []
         handler = getattr(self, "_on_" + type(ev).__name__)
         handler(ev)
-        self.pump()
+        if not (self.at_rest and type(ev) in _ON_READY_ONLY and self._ready_and_unqueued(ev.model)):  # type: ignore[attr-defined]
+            self.pump()
+            self.at_rest = self._rests()
         out, self.out = self.out, []
         return out
+
+    def _ready_and_unqueued(self, model: str) -> bool:
+        m = self.models.get(model)
+        return m is not None and m.state == State.READY and not m.queue
+
+    def _rests(self) -> bool:
+        """Nothing for `pump` to act on: no queue, no drain, no claim anywhere.
+
+        From rest, a request granted on a ready model, or released from one, leaves nothing for
+        `pump` either (a busier model enables no admission, and with nobody waiting a freer one
+        has nobody to admit): those events, every proxied request's two, skip it. Time-based
+        rules come with ticks, which always pump."""
+        if self.closing:
+            return False
+        return not any(m.queue or m.state in _PUMPED for m in self.models.values())
 
     def emit(self, eff: Effect) -> None:
         self.out.append(eff)
