@@ -231,7 +231,8 @@ class Exchange(asyncio.Protocol):
         self._in_head = False
         self._framing, self._left = head.framing, head.length
         self._reusable = self._keep and not head.close
-        self.head.set_result(head)
+        if not self.head.done():  # not when the request was cancelled while it waited
+            self.head.set_result(head)
         if head.framing == LENGTH and head.length == 0:
             self._finish()
         return buf

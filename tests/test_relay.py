@@ -247,3 +247,34 @@ def test_heads_are_read_as_the_child_wrote_them():
     for bad in (b"HTTP/1.1 abc", b"HTTP/1.1 200 OK\r\nno colon", b"HTTP/1.1 200 OK\r\nContent-Length: -1"):
         with pytest.raises(UpstreamError):
             parse_head(bad, "GET")
+
+
+async def test_an_answer_arriving_after_its_request_gave_up_is_dropped_with_the_connection(upstream):
+    gate = asyncio.Event()
+
+    async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await gate.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    upstream.handler = late
+    errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+    pool = Upstreams(4)
+    ex = await pool.open("127.0.0.1", upstream.port, 5.0)
+    ex.send("POST", REQUEST, 5.0)
+    waiting = asyncio.create_task(asyncio.wait_for(asyncio.shield(ex.head), 5.0))
+    ex.head.cancel()  # the client left while the child had not answered yet
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    gate.set()
+    for _ in range(200):  # the late answer must not raise inside the protocol
+        if ex._head_buf or not ex._in_head:
+            break
+        await asyncio.sleep(0.01)
+    assert not ex._in_head and not errors, errors
+    pool.release("127.0.0.1", upstream.port, ex)
+    assert ex.closed and not ex.reusable
+    pool.close()
