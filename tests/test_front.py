@@ -38,6 +38,7 @@ class StandIn:
 
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    cut: list[int] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -61,11 +62,17 @@ class StandIn:
             return web.json_response({"choices": [{"text": " a" * n, "index": 0}], "usage": usage})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for i in range(n):
-            event: dict[str, Any] = {"choices": [{"text": " a", "index": 0}]}
-            if i == n - 1:
-                event["usage"] = usage
-            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        try:
+            for i in range(n):
+                event: dict[str, Any] = {"choices": [{"text": " a", "index": 0}]}
+                if i == n - 1:
+                    event["usage"] = usage
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                if body.get("pace"):  # a token every `pace` seconds, like a slow engine
+                    await asyncio.sleep(float(body["pace"]))
+        except (ConnectionError, asyncio.CancelledError):
+            self.cut.append(i)  # the connection to it was closed mid-stream
+            raise
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -360,3 +367,17 @@ async def test_relayed_answers_carry_the_request_id_and_cors_headers(front):
         assert r.headers["X-Request-ID"] == "rid-7"
         assert r.headers["Access-Control-Allow-Origin"] == "https://ui.example"
         assert r.headers["Date"] and r.headers["Server"]
+
+
+async def test_a_client_that_leaves_mid_stream_is_a_499_and_the_engine_connection_is_closed(front):
+    client, engine, rt = await front()
+    r = await client.post("/v1/completions", json={**BODY, "stream": True, "max_tokens": 2000, "pace": 0.005})
+    assert r.status == 200 and (await r.content.readany()).startswith(b"data: ")
+    r.close()  # the client leaves after its first token
+    for _ in range(500):  # bounded: the next tokens find the client gone
+        if engine.cut and sample(rt, "swapper_requests_total", model="tiny", code="499") == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.cut and engine.cut[0] < 1999, "the engine stopped writing long before its last token"
+    assert sample(rt, "swapper_requests_total", model="tiny", code="499") == 1
+    assert sample(rt, "swapper_requests_total", model="tiny", code="502") == 0, "the client left: not an engine error"
