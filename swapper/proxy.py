@@ -86,6 +86,7 @@ class Proxy:
         self.rt = rt
         self.finished: list[Finished] = []
         self._addresses: dict[str, tuple[str, int]] = {}
+        self._limits: dict[int, tuple[Any, int | None]] = {}
 
     async def read_body(self, request: web.Request) -> bytes | web.Response:
         limit = self.rt.settings.max_body
@@ -252,7 +253,8 @@ class Proxy:
         st, pool = rt.settings, rt.upstreams
         for attempt in (1, 2):
             try:
-                ex = await pool.open(host, port, st.upstream_connect_timeout, fresh=attempt == 2)
+                ex = await pool.open(host, port, st.upstream_connect_timeout, fresh=attempt == 2,
+                                     limit=self._limit(inst, entry))
             except asyncio.TimeoutError as e:
                 return _upstream_error(entry.id, e)
             except OSError as e:  # refused: a child that died, its exit not known yet
@@ -292,6 +294,16 @@ class Proxy:
             finally:
                 pool.release(host, port, ex)
         return None  # pragma: no cover - the loop always returns
+
+    def _limit(self, inst: Any, entry: Any) -> int | None:
+        """The child's connection limit, worked out once per catalog entry."""
+        known = self._limits.get(id(entry))
+        if known is not None and known[0] is entry:
+            return known[1]
+        connections = getattr(inst.backend, "connections", None)
+        limit = connections(entry) if connections is not None else None
+        self._limits[id(entry)] = (entry, limit)
+        return limit
 
     def _address(self, base_url: str) -> tuple[str, int]:
         addr = self._addresses.get(base_url)

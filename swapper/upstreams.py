@@ -13,8 +13,8 @@ _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 class Upstreams:
     """Connections to the children, pooled per address.
 
-    At most `limit` at once per child, idle ones included: an idle kept-alive connection holds
-    one of llama-server's HTTP threads. Idle connections are not reused after `idle_timeout`
+    At most `limit` at once per child (each child's backend says how many it takes), idle ones
+    included: an idle kept-alive connection holds one of llama-server's HTTP threads. Idle connections are not reused after `idle_timeout`
     (llama-server closes them after 5 s, and a close racing a reuse would cost a retry).
     """
 
@@ -25,9 +25,12 @@ class Upstreams:
         self._busy: collections.Counter[tuple[str, int]] = collections.Counter()
         self._waiters: dict[tuple[str, int], collections.deque[asyncio.Future[None]]] = {}
 
-    async def open(self, host: str, port: int, connect_timeout: float, fresh: bool = False) -> Exchange:
-        """A connection to the child, idle one first (unless `fresh`); waits while `limit` are in use."""
+    async def open(self, host: str, port: int, connect_timeout: float, fresh: bool = False,
+                   limit: int | None = None) -> Exchange:
+        """A connection to the child, idle one first (unless `fresh`); waits while `limit` (this
+        child's own, else the pool's) are in use."""
         key = (host, port)
+        limit = limit or self.limit
         loop = asyncio.get_running_loop()
         while True:
             idle = self._idle.get(key)
@@ -41,11 +44,11 @@ class Upstreams:
                     ex._reset()
                     ex.reused = True
                     return ex
-            if self._busy[key] + len(idle or ()) < self.limit:
+            if self._busy[key] + len(idle or ()) < limit:
                 break
             if idle:  # drop the ones the child closed since they went idle, then count again
                 idle[:] = [ex for ex in idle if not ex.closed]
-                if self._busy[key] + len(idle) < self.limit:
+                if self._busy[key] + len(idle) < limit:
                     break
             if idle:  # a fresh connection wanted and no room: the oldest idle one makes room
                 idle.pop(0).close()

@@ -8,10 +8,12 @@ is covered without an engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import AsyncIterator, Callable
 
 import pytest
 
+from schedfakes import entry as entry_of
 from swapper.relay import BrokenAnswer, NoAnswer, SilentUpstream, UpstreamError, parse_head
 from swapper.upstreams import Upstreams
 
@@ -278,3 +280,52 @@ async def test_an_answer_arriving_after_its_request_gave_up_is_dropped_with_the_
     pool.release("127.0.0.1", upstream.port, ex)
     assert ex.closed and not ex.reusable
     pool.close()
+
+
+async def test_each_child_has_its_own_connection_limit(upstream):
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    upstream.handler = slow
+    pool = Upstreams(2)  # the default, for children that say nothing
+
+    async def one() -> bytes:
+        ex = await pool.open("127.0.0.1", upstream.port, 5.0, limit=6)
+        try:
+            ex.send("POST", REQUEST, 5.0)
+            await ex.head
+            got: list[bytes] = []
+            ex.attach(got.append, None)
+            await ex.done
+            return b"".join(got)
+        finally:
+            pool.release("127.0.0.1", upstream.port, ex)
+
+    tasks = [asyncio.create_task(one()) for _ in range(8)]
+    for _ in range(200):
+        if upstream.connections == 6:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.connections == 6, "this child's own limit, not the pool's default"
+    release.set()
+    assert await asyncio.gather(*tasks) == [b"ok"] * 8
+    pool.close()
+
+
+def test_a_llama_server_child_takes_as_many_connections_as_its_slots_need():
+    from swapper.backends.llamacpp import LlamaCppBackend
+    from swapper.config import Settings
+
+    backend = LlamaCppBackend(Settings())
+    small = dataclasses.replace(entry_of("a"), parallel=1)
+    big = dataclasses.replace(entry_of("b"), parallel=32)
+    assert backend.connections(small) == 14  # 16 HTTP threads, two kept for probes and scrapes
+    assert backend.connections(big) == 34  # 36 threads for 32 slots
+    told = dataclasses.replace(entry_of("c"), args=("--threads-http", "8"))
+    assert backend.connections(told) == 6

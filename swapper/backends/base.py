@@ -15,6 +15,17 @@ from ..catalog import Adapter, ModelEntry
 from ..gpu import MemoryProbe
 
 
+def arg_value(args: tuple[str, ...] | list[str], name: str) -> str | None:
+    """The value of `--name V` or `--name=V` (the last one wins, as in argparse)."""
+    found = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            found = args[i + 1]
+        elif a.startswith(name + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
 @dataclass
 class StartSpec:
     argv: list[str]
@@ -32,6 +43,11 @@ class Backend:
     def start_spec(self, entry: ModelEntry, port: int, probe: MemoryProbe, reserved: int,
                    workdir: str) -> StartSpec:
         raise NotImplementedError
+
+    def connections(self, entry: ModelEntry) -> int:
+        """How many connections the proxy may hold to one child at once (an asynchronous
+        server takes many; a server with a thread per connection takes fewer)."""
+        return 256
 
     def rewrite(self, path: str, body: dict[str, Any], entry: ModelEntry,
                 adapter: Adapter | None) -> dict[str, Any] | None:

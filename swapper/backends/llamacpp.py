@@ -21,11 +21,16 @@ from ..catalog import Adapter, ModelEntry
 from ..config import Settings
 from ..engines import find_llama_server
 from ..gpu import MemoryProbe
-from .base import Backend, StartSpec
+from .base import Backend, StartSpec, arg_value
 
 # HTTP threads each child gets (llama-server's default is about slots + 2): swapper's pool keeps
 # connections alive, and each open connection holds a thread, so it keeps fewer than this
 LLAMA_HTTP_THREADS = 16
+
+
+def http_threads(parallel: int) -> int:
+    """llama-server's HTTP threads: enough for every slot, with room for probes and scrapes."""
+    return max(LLAMA_HTTP_THREADS, parallel + 4)
 
 _ADAPTER_ROUTES = ("/v1/chat/completions", "/v1/completions", "/completion", "/completions",
                    "/chat/completions", "/infill", "/v1/responses", "/v1/messages")
@@ -64,13 +69,21 @@ class LlamaCppBackend(Backend):
         extra = [*eng.args, *entry.args]
         argv += chat_template.llamacpp_args(entry.chat_template, entry.path, extra)
         if not any(a == "--threads-http" or a.startswith("--threads-http=") for a in extra):
-            argv += ["--threads-http", str(max(LLAMA_HTTP_THREADS, entry.parallel + 4))]
+            argv += ["--threads-http", str(http_threads(entry.parallel))]
         split = getattr(probe, "split", ())
         if len(split) > 1 and probe.offload:  # split by layers, in proportion to each device's room
             argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{f:.4f}" for f in split)]
         argv += extra
         env = {**eng.env, **dict(entry.env), **probe.child_env()}
         return StartSpec(argv=argv, env=env, health_path="/health")
+
+    def connections(self, entry: ModelEntry) -> int:
+        """Two fewer than the child's HTTP threads: each connection, idle kept-alive ones
+        included, holds one of them, and a request beyond them would wait unseen."""
+        eng = self.settings.engines["llamacpp"]
+        given = arg_value([*eng.args, *entry.args], "--threads-http")
+        threads = int(given) if given and given.isdigit() else http_threads(entry.parallel)
+        return max(1, threads - 2)
 
     def rewrite(self, path: str, body: dict[str, Any], entry: ModelEntry,
                 adapter: Adapter | None) -> dict[str, Any] | None:

@@ -45,7 +45,7 @@ import aiohttp
 from .. import chat_template
 from ..catalog import Adapter, ModelEntry
 from ..gpu import MemoryProbe
-from .base import Backend, StartSpec
+from .base import Backend, StartSpec, arg_value
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -67,17 +67,6 @@ _GPU_KINDS = ("nvidia", "amd")
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-def arg_value(args: tuple[str, ...] | list[str], name: str) -> str | None:
-    """The value of `--name V` or `--name=V` (the last one wins, as in argparse)."""
-    found = None
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            found = args[i + 1]
-        elif a.startswith(name + "="):
-            found = a.split("=", 1)[1]
-    return found
 
 
 def _has_flag(args: tuple[str, ...] | list[str], name: str) -> bool:
