@@ -258,8 +258,7 @@ class Proxy:
             except asyncio.TimeoutError as e:
                 return _upstream_error(entry.id, e)
             except OSError as e:  # refused: a child that died, its exit not known yet
-                if await rt.scheduler.child_gone(inst, timeout=2.0):
-                    log.info("model %s: child exited before answering; the request waits for the reload", entry.id)
+                if await self._child_gone(inst, entry.id):
                     return None
                 if attempt == 1:
                     continue
@@ -276,8 +275,7 @@ class Proxy:
                 if ex.reused and attempt == 1:
                     log.debug("model %s: a kept-alive connection was closed under us (%s); a fresh one", entry.id, e)
                     continue
-                if await rt.scheduler.child_gone(inst, timeout=2.0):
-                    log.info("model %s: child exited before answering; the request waits for the reload", entry.id)
+                if await self._child_gone(inst, entry.id):
                     return None
                 if attempt == 1:
                     log.debug("model %s: retrying on a fresh connection after %s", entry.id, e)
@@ -294,6 +292,14 @@ class Proxy:
             finally:
                 pool.release(host, port, ex)
         return None  # pragma: no cover - the loop always returns
+
+    async def _child_gone(self, inst: Any, model: str) -> bool:
+        """Whether the child exited (its exit may take a moment to be known): the request then
+        waits for the reload instead of failing."""
+        if await self.rt.scheduler.child_gone(inst, timeout=2.0):
+            log.info("model %s: child exited before answering; the request waits for the reload", model)
+            return True
+        return False
 
     def _limit(self, inst: Any, entry: Any) -> int | None:
         """The child's connection limit, worked out once per catalog entry."""

@@ -14,8 +14,9 @@ class Upstreams:
     """Connections to the children, pooled per address.
 
     At most `limit` at once per child (each child's backend says how many it takes), idle ones
-    included: an idle kept-alive connection holds one of llama-server's HTTP threads. Idle connections are not reused after `idle_timeout`
-    (llama-server closes them after 5 s, and a close racing a reuse would cost a retry).
+    included: an idle kept-alive connection holds one of llama-server's HTTP threads. Idle
+    connections are not reused after `idle_timeout` (llama-server closes them after 5 s, and a
+    close racing a reuse would cost a retry).
     """
 
     def __init__(self, limit: int, idle_timeout: float = 4.0):

@@ -79,6 +79,19 @@ def answering(*pieces: bytes, close: bool = False, requests: int = 1, pause: flo
     return handler
 
 
+def held_until(release: asyncio.Event) -> Callable:
+    """A handler that answers `ok` to every request on its connection once `release` is set."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    return handler
+
+
 async def exchange(pool: Upstreams, port: int, method: str = "POST", timeout: float = 5.0,
                    keep_alive: bool = True) -> tuple[int, bytes, bytes, object]:
     """One request through the pool: (status, raw bytes relayed, payload, exchange)."""
@@ -208,15 +221,7 @@ async def test_the_child_saying_close_keeps_the_connection_out_of_the_pool(upstr
 
 async def test_no_more_connections_than_the_limit_and_waiters_are_served_in_turn(upstream):
     release = asyncio.Event()
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            await release.wait()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    upstream.handler = slow
+    upstream.handler = held_until(release)
     pool = Upstreams(2)
     tasks = [asyncio.create_task(exchange(pool, upstream.port)) for _ in range(5)]
     for _ in range(200):
@@ -284,15 +289,7 @@ async def test_an_answer_arriving_after_its_request_gave_up_is_dropped_with_the_
 
 async def test_each_child_has_its_own_connection_limit(upstream):
     release = asyncio.Event()
-
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            await release.wait()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    upstream.handler = slow
+    upstream.handler = held_until(release)
     pool = Upstreams(2)  # the default, for children that say nothing
 
     async def one() -> bytes:

@@ -26,6 +26,10 @@ def arg_value(args: tuple[str, ...] | list[str], name: str) -> str | None:
     return found
 
 
+def has_flag(args: tuple[str, ...] | list[str], name: str) -> bool:
+    return any(a == name or a.startswith(name + "=") for a in args)
+
+
 @dataclass
 class StartSpec:
     argv: list[str]

@@ -21,7 +21,7 @@ from ..catalog import Adapter, ModelEntry
 from ..config import Settings
 from ..engines import find_llama_server
 from ..gpu import MemoryProbe
-from .base import Backend, StartSpec, arg_value
+from .base import Backend, StartSpec, arg_value, has_flag
 
 # HTTP threads each child gets (llama-server's default is about slots + 2): swapper's pool keeps
 # connections alive, and each open connection holds a thread, so it keeps fewer than this
@@ -68,7 +68,7 @@ class LlamaCppBackend(Backend):
             argv.append("--lora-init-without-apply")
         extra = [*eng.args, *entry.args]
         argv += chat_template.llamacpp_args(entry.chat_template, entry.path, extra)
-        if not any(a == "--threads-http" or a.startswith("--threads-http=") for a in extra):
+        if not has_flag(extra, "--threads-http"):
             argv += ["--threads-http", str(http_threads(entry.parallel))]
         split = getattr(probe, "split", ())
         if len(split) > 1 and probe.offload:  # split by layers, in proportion to each device's room

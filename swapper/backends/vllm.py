@@ -45,7 +45,7 @@ import aiohttp
 from .. import chat_template
 from ..catalog import Adapter, ModelEntry
 from ..gpu import MemoryProbe
-from .base import Backend, StartSpec, arg_value
+from .base import Backend, StartSpec, arg_value, has_flag
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -67,10 +67,6 @@ _GPU_KINDS = ("nvidia", "amd")
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-def _has_flag(args: tuple[str, ...] | list[str], name: str) -> bool:
-    return any(a == name or a.startswith(name + "=") for a in args)
 
 
 def _size_arg(text: str | None) -> int | None:
@@ -245,22 +241,22 @@ class VllmBackend(Backend):
         argv = [*cmd, *self.model_argument(cmd, model), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", entry.id]
         cfg = read_config(model_dir(entry))
-        if not _has_flag(user, "--max-model-len"):
+        if not has_flag(user, "--max-model-len"):
             argv += ["--max-model-len", str(max_model_len(entry, cfg))]
         gpu = probe.kind in _GPU_KINDS
-        if gpu and not _has_flag(user, "--gpu-memory-utilization"):
+        if gpu and not has_flag(user, "--gpu-memory-utilization"):
             argv += ["--gpu-memory-utilization", f"{gpu_utilization(reserved, probe):.4f}"]
         env_kv = "VLLM_CPU_KVCACHE_SPACE" in {**(eng.env if eng else {}), **dict(entry.env)}
-        if not gpu and not _has_flag(user, "--kv-cache-memory-bytes") and not env_kv:
+        if not gpu and not has_flag(user, "--kv-cache-memory-bytes") and not env_kv:
             _, kv, _ = estimate_parts(entry, probe.kind)
             argv += ["--kv-cache-memory-bytes", str(kv)]
-        if entry.sleep and not _has_flag(user, "--enable-sleep-mode"):
+        if entry.sleep and not has_flag(user, "--enable-sleep-mode"):
             argv.append("--enable-sleep-mode")
         if entry.adapters:
             argv += ["--enable-lora", "--lora-modules", *[f"{a.name}={a.path}" for a in entry.adapters]]
         argv += chat_template.vllm_args(entry.chat_template, user)
         devices = len(getattr(probe, "split", ()))
-        if devices > 1 and not _has_flag(user, "--tensor-parallel-size"):  # equal shares, one per device
+        if devices > 1 and not has_flag(user, "--tensor-parallel-size"):  # equal shares, one per device
             argv += ["--tensor-parallel-size", str(devices)]
         argv += user
         tmp = short_alias(workdir)
