@@ -343,7 +343,7 @@ class Proxy:
         down.flush_head()
         resp = RelayedResponse(head.status, head.reason or None, keep_alive)
         try:
-            await ex.done
+            await _complete(ex)
         except UpstreamError as e:
             if down.gone:  # the client left first: that is a cancelled request, not a broken child
                 raise asyncio.CancelledError() from None
@@ -363,6 +363,22 @@ class Proxy:
                 request["usage"] = usage
                 metrics.tokens(model, usage)
         return resp
+
+
+async def _complete(ex: Exchange) -> None:
+    """Wait for the child's answer to end. The client has every byte of it by then (they were
+    written as they came), and may close its connection at once, before this handler runs
+    again: a cancellation that finds the answer complete is not a client that left early, and
+    the request is counted as answered."""
+    try:
+        await ex.done
+    except asyncio.CancelledError:
+        done = ex.done
+        if not (done.done() and not done.cancelled() and done.exception() is None):
+            raise
+        task = asyncio.current_task()
+        if task is not None and hasattr(task, "uncancel"):
+            task.uncancel()
 
 
 def _both(first: Callable[[bytes], None], second: Callable[[bytes], None]) -> Callable[[bytes], None]:

@@ -360,7 +360,7 @@ async def test_a_large_answer_to_a_slow_reader_arrives_whole_with_the_engine_pau
 
 async def test_relayed_answers_carry_the_request_id_and_cors_headers(front):
     client, _, _ = await front(cors_origins=["https://ui.example"])
-    for body in (BODY, {**BODY, "stream": True}):
+    for body in ({**BODY, "big": 1 << 20}, {**BODY, "stream": True}):  # several reads each
         r = await client.post("/v1/completions", json=body, headers={"Origin": "https://ui.example",
                                                                      "X-Request-ID": "rid-7"})
         await r.read()
@@ -381,3 +381,35 @@ async def test_a_client_that_leaves_mid_stream_is_a_499_and_the_engine_connectio
     assert engine.cut and engine.cut[0] < 1999, "the engine stopped writing long before its last token"
     assert sample(rt, "swapper_requests_total", model="tiny", code="499") == 1
     assert sample(rt, "swapper_requests_total", model="tiny", code="502") == 0, "the client left: not an engine error"
+
+
+async def test_a_client_that_closes_as_soon_as_it_has_the_whole_answer_is_counted_as_answered(front, monkeypatch):
+    """The last bytes reach the client before the handler runs again; a client that closes at
+    once cancels the handler with the answer already complete (here the cancellation is made to
+    land in exactly that window)."""
+    attach, finish = Exchange.attach, Exchange._finish
+
+    def attach_recording(self, raw, payload):  # noqa: ANN001, ANN202
+        self.handler_task = asyncio.current_task()
+        attach(self, raw, payload)
+
+    def finish_then_client_leaves(self):  # noqa: ANN001, ANN202
+        finish(self)
+        task = getattr(self, "handler_task", None)
+        if task is not None and asyncio.current_task() is None:  # the last bytes came in a callback
+            task.cancel()
+
+    monkeypatch.setattr(Exchange, "attach", attach_recording)
+    monkeypatch.setattr(Exchange, "_finish", finish_then_client_leaves)
+    client, _, rt = await front()
+    for body in ({**BODY, "big": 1 << 20}, {**BODY, "stream": True}):  # several reads each
+        r = await client.post("/v1/completions", json=body)
+        assert r.status == 200
+        await r.read()
+    for _ in range(500):  # bounded: each is counted as its handler returns
+        if sample(rt, "swapper_request_duration_seconds_count", model="tiny") == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sample(rt, "swapper_requests_total", model="tiny", code="200") == 2
+    assert sample(rt, "swapper_requests_total", model="tiny", code="499") == 0
+    assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 1 + 3, "usage counted for both"
