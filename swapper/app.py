@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from .api import Api
+from .front import Front
 from .middleware import make_middlewares
 from .backends.llamacpp import LLAMA_HTTP_THREADS
 from .catalog import Catalog, ModelEntry, build_catalog
@@ -35,6 +36,7 @@ from .metrics import Metrics
 from .prefetch import Prefetcher
 from .process import raise_nofile_limit
 from .proxy import AUDIO_PREFIX, MODEL_ROUTES, Proxy
+from .ticker import Ticker
 from .upstreams import Upstreams
 from .scheduler import Launcher, Scheduler, SchedulerConfig, SwapEvent
 from .sched.settings import DeviceLimits
@@ -213,13 +215,9 @@ def _get_with_model(rt: Runtime) -> Callable[[web.Request], Any]:
 
 
 async def _ticker(rt: Runtime) -> None:
-    while True:
-        await asyncio.sleep(0.1)
-        flush_logs()
-        try:
-            rt.scheduler.tick()
-        except Exception:
-            log.exception("scheduler tick failed")
+    ticker = Ticker(rt.scheduler.tick, flush_logs)
+    rt.scheduler.on_busy = ticker.poke
+    await ticker.run()
 
 
 async def _on_startup(app: web.Application) -> None:
@@ -275,15 +273,10 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
         log.error("%s", problem)
         return 2
     atexit.register(getattr(rt.launcher, "kill_all", lambda: None))
-    app = create_app(rt)
-    runner = JsonErrorRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, st.listen.host, st.listen.port, backlog=1024, reuse_address=True)
     try:
-        await site.start()
+        runner, front = await start_server(rt, st.listen.host, st.listen.port)
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", st.listen.host, st.listen.port, e.strerror or e)
-        await runner.cleanup()
         return 1
     per_device = "" if len(rt.scheduler.probes) == 1 else " over " + ", ".join(
         f"{d['id']} {_fmt(d['capacity'])}" for d in rt.scheduler.device_view())
@@ -300,9 +293,28 @@ async def serve_async(st: Settings, reload_settings: Callable[[], Settings] | No
     log.info("shutting down: draining in-flight requests (up to %gs)", st.drain_timeout)
     notify("STOPPING=1")
     await shutdown(rt)
-    await runner.cleanup()
+    await stop_server(runner, front)
     log.info("stopped")
     return 0
+
+
+async def start_server(rt: Runtime, host: str, port: int) -> tuple[web.AppRunner, Front]:
+    """The app, and swapper's port: proxied requests served by front.py, everything else by
+    aiohttp (the connections front.py hands over)."""
+    runner = JsonErrorRunner(create_app(rt), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    front = Front(rt, runner.server, rt.proxy.handle)
+    try:
+        await front.start(host, port)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, front
+
+
+async def stop_server(runner: web.AppRunner, front: Front) -> None:
+    await front.close(5.0)
+    await runner.cleanup()
 
 
 def capacity_problem(rt: Runtime) -> str | None:

@@ -2,9 +2,9 @@
 
 The answer's head is written here rather than by aiohttp's `StreamResponse` so that a short
 answer (head and body arrived together from the child) leaves in one `write`, and a streamed
-token costs one `transport.write` (see relay.py for why the HTTP library is bypassed). aiohttp
-still owns the client connection: it parsed the request, and the `RelayedResponse` returned to
-it says whether the connection stays open.
+token costs one `transport.write` (see relay.py for why the HTTP library is bypassed). The
+client's connection belongs to front.py (or to aiohttp, for a connection front.py handed over):
+the `RelayedResponse` returned to it says whether the connection stays open.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def keeps_alive(request: web.Request, head: Head) -> bool:
 class RelayedResponse(web.StreamResponse):
     """What the handler returns once the relay has written the whole answer to the transport:
     aiohttp must neither write a head nor an end of its own, only learn about keep-alive."""
+
+    relayed = True  # its bytes are on the client's transport already
 
     def __init__(self, status: int, reason: str | None, keep_alive: bool):
         super().__init__(status=status, reason=reason)

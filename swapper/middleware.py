@@ -101,27 +101,33 @@ def make_middlewares(rt: Runtime) -> list[Any]:
 
     @web.middleware
     async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request_id_of(request)
-        request["request_id"] = rid
-        t0 = time.monotonic()
-        status: int | str = "-"
-        try:
-            if rt.settings.cors_origins and request.method == "OPTIONS":
-                pre = _preflight(rt, request)
-                if pre is not None:
-                    status = pre.status
-                    return pre
-            resp = await _guarded(rt, request, handler)
-            status = resp.status
-            return resp
-        finally:
-            if access_log.isEnabledFor(logging.INFO):
-                # the query string may carry the status page's api_key: never logged
-                shown = request.path if "api_key" in request.query else request.path_qs
-                access_log.info("%s %s %s %s %.1fms", rid, request.method, shown, status,
-                                (time.monotonic() - t0) * 1000, extra={"request_id": rid})
+        return await serve(rt, request, handler)
 
     return [front]
+
+
+async def serve(rt: Runtime, request: Any, handler: Handler) -> web.StreamResponse:
+    """A request's way through: request ID and access log, CORS preflight, keys, the handler,
+    last-resort errors. aiohttp's requests come here through the middleware, front.py's directly."""
+    rid = request_id_of(request)
+    request["request_id"] = rid
+    t0 = time.monotonic()
+    status: int | str = "-"
+    try:
+        if rt.settings.cors_origins and request.method == "OPTIONS":
+            pre = _preflight(rt, request)
+            if pre is not None:
+                status = pre.status
+                return pre
+        resp = await _guarded(rt, request, handler)
+        status = resp.status
+        return resp
+    finally:
+        if access_log.isEnabledFor(logging.INFO):
+            # the query string may carry the status page's api_key: never logged
+            shown = request.path if "api_key" in request.query else request.path_qs
+            access_log.info("%s %s %s %s %.1fms", rid, request.method, shown, status,
+                            (time.monotonic() - t0) * 1000, extra={"request_id": rid})
 
 
 async def _guarded(rt: Runtime, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, TestServer
+from yarl import URL
 
-from swapper.app import Runtime, build_runtime, create_app
+from swapper.app import Runtime, build_runtime, create_app, start_server, stop_server
 from swapper.catalog import ModelEntry
 from swapper.config import Settings
 from swapper.errors import JsonErrorRunner
@@ -143,6 +144,33 @@ class JsonErrorTestServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
         return JsonErrorRunner(self.app, **kwargs)
+
+
+class OwnFrontTestServer(BaseTestServer):
+    """swapper's port as `serve` opens it: front.py for proxied requests, aiohttp behind it."""
+
+    def __init__(self, rt: Runtime, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.rt = rt
+        self.front: Any = None
+
+    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        self.runner, self.front = await start_server(self.rt, self.host, 0)
+        self.port = self.front.server.sockets[0].getsockname()[1]
+        self.scheme = "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:  # pragma: no cover - not used
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self.started and not self.closed:
+            await stop_server(self.runner, self.front)  # type: ignore[arg-type]
+            self._root = None
+            self.port = None
+            self._closed = True
 
 
 def make_models(d: Path, names: tuple[str, ...] = ("a", "b")) -> Path:

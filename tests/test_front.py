@@ -29,6 +29,8 @@ from swapper.proxy import UsageSniffer
 from swapper.relay import Exchange
 from swapper.synth import write_model
 
+from httpfakes import OwnFrontTestServer
+
 MiB = 1 << 20
 
 
@@ -118,9 +120,11 @@ def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-async def front(tmp_path: Path, gguf: Path):  # noqa: ANN201
-    """A factory: swapper's app with the given settings, in front of a fresh stand-in engine."""
+@pytest.fixture(params=["own", "aiohttp"])
+async def front(request: pytest.FixtureRequest, tmp_path: Path, gguf: Path):  # noqa: ANN201
+    """A factory: swapper's app with the given settings, in front of a fresh stand-in engine;
+    served on swapper's own port (front.py, as `serve` runs it) and by aiohttp alone (the
+    path a connection takes once front.py hands it over)."""
     made: list[TestClient] = []
 
     async def make(engine_url: str | None = None, **settings: Any) -> tuple[TestClient, StandIn, Any]:
@@ -131,7 +135,8 @@ async def front(tmp_path: Path, gguf: Path):  # noqa: ANN201
                       models={"tiny": ModelSpec(name="tiny", path=str(gguf), footprint=8 * MiB)}, **settings)
         url = engine_url or str(upstream.make_url("")).rstrip("/")
         rt = build_runtime(st, probe=FakeProbe(), launcher=StandInLauncher(url, st))
-        client = TestClient(TestServer(create_app(rt)))
+        server = OwnFrontTestServer(rt) if request.param == "own" else TestServer(create_app(rt))
+        client = TestClient(server)
         await client.start_server()
         made.append(client)
         made.append(upstream)  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """The HTTP layer in process: routing, errors, streaming, crash recovery — no child processes.
 
-The real app (proxy, API, metrics, middlewares, scheduler) runs on aiohttp's test server; the
-children are small aiohttp apps in this process (httpfakes.py).
+The real app (proxy, API, metrics, middlewares, scheduler) runs on swapper's own port (front.py,
+with aiohttp behind it) and on aiohttp's test server alone; the children are small aiohttp apps
+in this process (httpfakes.py).
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from httpfakes import JsonErrorTestServer, app_for, runtime
+from httpfakes import JsonErrorTestServer, OwnFrontTestServer, app_for, runtime
 from swapper.config import ConfigError
 
 
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Any]:
+@pytest.fixture(params=["own", "aiohttp"])
+async def served(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """The app on swapper's own port (front.py first, as `serve` runs it) and on aiohttp alone."""
     made: list[TestClient] = []
 
     async def make(**kw: Any) -> tuple[TestClient, Any, Any]:
         rt, launcher = runtime(tmp_path / f"rt{len(made)}", **kw)
-        client = TestClient(JsonErrorTestServer(app_for(rt)))
+        server = OwnFrontTestServer(rt) if request.param == "own" else JsonErrorTestServer(app_for(rt))
+        client = TestClient(server)
         await client.start_server()
         made.append(client)
         return client, rt, launcher
