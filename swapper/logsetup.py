@@ -1,8 +1,9 @@
 """swapper's log output: one line per record on stderr, as text or JSON, written in batches.
 
 There is an access line for every request, so a `write` per record would be a system call on
-the proxy's hot path: lines are collected and written together at most 0.1 s later (the
-ticker flushes them), at once for warnings and errors, and at exit.
+the proxy's hot path: lines are collected and written together — with the next line once the
+first has waited 0.1 s, or by the ticker within 0.5 s (ticker.py) — at once for warnings and
+errors, and at exit.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class BatchedStreamHandler(logging.StreamHandler):
 
 
 def flush_logs() -> None:
-    """Write what the batching handlers hold (the ticker calls this every 0.1 s)."""
+    """Write what the batching handlers hold (the ticker calls this on every tick)."""
     for h in logging.getLogger().handlers:
         if isinstance(h, BatchedStreamHandler) and h.lines:
             h.flush()

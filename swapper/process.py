@@ -29,6 +29,7 @@ import aiohttp
 
 from . import keeper as _keeper
 from .keeper import descendants
+from .ticker import pulse
 
 KEEPER = _keeper.__file__
 
@@ -38,7 +39,6 @@ child_log = logging.getLogger("swapper.child")
 # called with (child name, line) for every line of child output (the control page's live logs);
 # runs on the event loop, so a hook must be cheap and must not block
 line_hooks: list[Callable[[str, str], None]] = []
-PULL_INTERVAL = 0.1
 PIPE_SIZE = 1 << 20
 
 
@@ -160,7 +160,8 @@ class ChildProcess:
         self._waiter = asyncio.create_task(self._wait(), name=f"wait:{self.name}")
 
     async def _read_output(self, fd: int) -> None:
-        """The child's output: as it comes until the child serves, then pulled every 0.1 s.
+        """The child's output: as it comes until the child serves, then pulled on the ticker's
+        beat (ticker.py: every 0.1-0.5 s, in the wake-up the supervisor has anyway).
 
         A serving llama-server writes about ten lines for each request, one `write` each:
         reading them as they come would wake the proxy several times per request. The pipe is
@@ -184,7 +185,7 @@ class ChildProcess:
                 if len(data) >= PIPE_SIZE // 4:  # a burst: read on soon, but let the loop run
                     await asyncio.sleep(0)
                 elif self.healthy:
-                    await asyncio.sleep(PULL_INTERVAL)
+                    await pulse.wait()
                 else:
                     ready = loop.create_future()
                     loop.add_reader(fd, ready.set_result, None)

@@ -93,6 +93,7 @@ class EffectsRunner:
     _inbox: deque[E.Event]
     _feeding: bool
     _read_at: float
+    _busy: Callable[[], None]
 
     def feed(self, ev: E.Event) -> None:
         """Hand one event to the core and carry out its effects; events that effects raise
@@ -131,10 +132,13 @@ class EffectsRunner:
             if fut is not None and not fut.done():
                 fut.set_result(None)
         elif isinstance(eff, E.Start):
+            self._busy()
             self._spawn(self._start(eff), start=True)
         elif isinstance(eff, E.Stop):
+            self._busy()
             self._spawn(self._stop(eff))
         elif isinstance(eff, E.Wake):
+            self._busy()
             self._spawn(self._wake(eff), start=True)
         elif isinstance(eff, E.Measure):
             self.feed(E.Measured(eff.model, eff.instance, self._process_bytes(eff.instance)))

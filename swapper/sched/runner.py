@@ -53,6 +53,9 @@ class Scheduler(EffectsRunner):
         self._inbox: deque[E.Event] = deque()
         self._feeding = False
         self._read_at = float("-inf")
+        # told when something time-bound begins (a queued request, a start, a drain), so the
+        # ticker watches it at its fast pace
+        self.on_busy: Callable[[], None] | None = None
         readings = self._read()
         reading = readings.get(probe_id(self.probe))
         host_total = reading.total if reading and self.probe.kind == "host" else _host_total()
@@ -180,6 +183,7 @@ class Scheduler(EffectsRunner):
                      refuse_if_unloaded: bool = False) -> asyncio.Future:
         m = self._model(model_id)
         wid, fut = self._waiter()
+        self._busy()
         self.feed(E.Unload(wid, m.id, force, reason, refuse_if_unloaded))
         fut.add_done_callback(_retrieve)
         return fut
@@ -196,6 +200,7 @@ class Scheduler(EffectsRunner):
     def set_catalog(self, catalog: Catalog, eager: Iterable[str] = ()) -> None:
         """Adopt a new catalog (reload): changed resident models restart, removed ones drain."""
         self.catalog = catalog
+        self._busy()
         self.feed(E.CatalogChanged(list(catalog), frozenset(eager)))
 
     async def child_gone(self, instance: Instance, timeout: float = 3.0) -> bool:
@@ -250,12 +255,14 @@ class Scheduler(EffectsRunner):
         m = self.models.get(ev.model)
         if m is not None and not m.loaded:  # a cold request decides with a fresh reading
             self._refresh(min_age=0.0)
+            self._busy()
         self.feed(ev)
 
     # ------------------------------------------------------------------ time and shutdown
 
-    def tick(self) -> None:
-        """Time-based rules; the probe is read only while something waits or starts."""
+    def tick(self) -> bool:
+        """Time-based rules; the probe is read only while something waits or starts. Whether
+        anything time-bound is under way (the ticker's pace)."""
         busy = any(m.queue or m.state in STARTING or m.state == State.AWAITING_ROOM for m in self.models.values())
         readings = self._read() if busy else None
         seen: dict[str, int] = {}
@@ -264,6 +271,11 @@ class Scheduler(EffectsRunner):
                 if m.state in STARTING and m.instance is not None:
                     seen[m.id] = self._process_bytes(m.instance) or 0
         self.feed(E.Tick(None, seen, readings=readings or None))
+        return busy or any(m.state == State.DRAINING for m in self.models.values())
+
+    def _busy(self) -> None:
+        if self.on_busy is not None:
+            self.on_busy()
 
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stop taking work, fail waiters, let in-flight requests finish, stop every child."""
@@ -310,6 +322,8 @@ class Acquisition:
             await s.prepare(m.entry)
         wid, fut = s._waiter()
         s._arrive(E.Arrived(wid, model_id, s._estimate(m), autoload=self.autoload, overhead=s._overhead(m)))
+        if not fut.done():  # queued: its queue timeout is watched by the ticker
+            s._busy()
         try:
             instance = await fut
         except asyncio.CancelledError:
