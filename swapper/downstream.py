@@ -177,6 +177,11 @@ class Downstream:
         self.on_first = on_first
         self.paused = False
         self.gone = False
+        # front.py's connection, which tells this relay when its client pauses or leaves: then
+        # a stream's pieces can go from the child's connection to the client's transport
+        # without this object in between (Exchange.direct)
+        self.conn: Any = getattr(request, "conn", None)
+        self.direct = False
 
     def write(self, data: bytes) -> None:
         t = self.transport
@@ -189,6 +194,9 @@ class Downstream:
             self.on_first = None
             if self.head is not None:
                 data, self.head = self.head + data, None
+            if self.direct and self.conn is not None:
+                self.conn.relay = self
+                self.ex.direct(t.write)
         t.write(data)
         if t.get_write_buffer_size() > self.HIGH_WATER and not self.paused:
             self.paused = True
@@ -201,6 +209,22 @@ class Downstream:
             head, self.head = self.head, None
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(head)
+
+    def client_paused(self) -> None:
+        """The client's transport holds more than its high-water mark (front.py's connection)."""
+        if not self.paused:
+            self.paused = True
+            self.ex.pause()
+
+    def client_resumed(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.ex.resume()
+
+    def client_lost(self) -> None:
+        """The client left: stop reading the child at once (its task is being cancelled)."""
+        self.gone = True
+        self.ex.close()
 
     def chunk(self, data: bytes) -> None:
         """A piece of a body that ends with the child's connection, chunk-framed for the client."""

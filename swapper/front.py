@@ -47,6 +47,7 @@ _HEAD = re.compile(rb"POST (/[!-~]*) HTTP/1\.1\r\n((?:[!#$%&'*+.^_`|~0-9A-Za-z-]
 _FIELD = re.compile(rb"([^:\r\n]+):([^\r\n]*)\r\n")
 _HANDOFF_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
 class FastRequest(dict):  # type: ignore[type-arg]
@@ -84,11 +85,6 @@ class FastRequest(dict):  # type: ignore[type-arg]
             return _EMPTY_QUERY
         return MultiDictProxy(MultiDict(parse_qsl(self.query_string, keep_blank_values=True)))
 
-    @property
-    def remote(self) -> str | None:
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        return peer[0] if peer else None
-
     async def readany(self) -> bytes:
         """The body, once (the proxy's reader asks until it gets nothing)."""
         if self._unread:
@@ -105,6 +101,7 @@ class FrontConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.task: asyncio.Task[None] | None = None
+        self.relay: Any = None  # the Downstream of a stream handed on directly (downstream.py)
         self.idle_since = time.monotonic()
         self._paused: asyncio.Future[None] | None = None
         self._lost = False
@@ -141,6 +138,8 @@ class FrontConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.front.conns.discard(self)
+        if self.relay is not None:
+            self.relay.client_lost()
         if self.task is not None:
             self.task.cancel()  # the client left: the relay closes the child's connection
         if self._paused is not None and not self._paused.done():
@@ -150,10 +149,14 @@ class FrontConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._paused is None or self._paused.done():
             self._paused = asyncio.get_running_loop().create_future()
+        if self.relay is not None:
+            self.relay.client_paused()
 
     def resume_writing(self) -> None:
         if self._paused is not None and not self._paused.done():
             self._paused.set_result(None)
+        if self.relay is not None:
+            self.relay.client_resumed()
 
     async def drain(self) -> None:
         """Until the client has taken the bytes written to it (the relay's back-pressure)."""
@@ -238,6 +241,7 @@ class FrontConnection(asyncio.Protocol):
             log.exception("serving %s failed", req.path)
         finally:
             self.task = None
+            self.relay = None
             self.idle_since = time.monotonic()
             if t is None or t.is_closing():
                 return
@@ -254,7 +258,7 @@ class FrontConnection(asyncio.Protocol):
             log.error("cannot send a %s answer on %s", type(resp).__name__, req.path)
             return False
         body = bytes(resp.body or b"")
-        reason = resp.reason or HTTPStatus(resp.status).phrase
+        reason = resp.reason or _PHRASES.get(resp.status, "Unknown")
         lines = [b"HTTP/1.1 %d %s\r\n" % (resp.status, reason.encode("latin-1"))]
         for k, v in resp.headers.items():
             if k.lower() not in ("content-length", "connection", "date", "server", "transfer-encoding"):

@@ -336,6 +336,7 @@ class Proxy:
         down = Downstream(request, ex, raw_head, first_byte)
         sniff = UsageSniffer() if head.status == 200 else None
         if head.framing == LENGTH or (head.framing == CHUNKED) == http11:  # the bytes as they are
+            down.direct = head.framing == CHUNKED
             ex.attach(down.write, sniff.feed if sniff else None)
         else:  # de-chunked for an HTTP/1.0 client, or chunked for an HTTP/1.1 one
             out = down.chunk if framed else down.write

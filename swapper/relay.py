@@ -15,6 +15,7 @@ client's side.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,7 @@ LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2
 # where a chunked body is
 _SIZE, _DATA, _DATA_END, _TRAILER, _END = range(5)
 MAX_HEAD = 64 << 10
+_monotonic = time.monotonic
 
 
 class UpstreamError(Exception):
@@ -120,6 +122,8 @@ class Exchange(asyncio.Protocol):
         self._payload: Sink | None = None
         self._attached = False
         self._streaming = False
+        self._direct: Sink | None = None
+        self._direct_to: Sink | None = None  # asked for before the body streams: from then on
         self._framing = LENGTH
         self._left = 0
         self._chunk_state = _SIZE
@@ -136,7 +140,23 @@ class Exchange(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._last = self.loop.time()
+        direct = self._direct
+        if direct is not None:  # a stream handed on as it is: the path every streamed token takes
+            direct(data)
+            self._last = _monotonic()
+            if self._chunk_state == _SIZE and not self._line:  # the usual piece: one whole chunk
+                eol = data.find(b"\r\n")
+                try:
+                    size = int(data[:eol], 16) if eol > 0 else 0
+                except ValueError:
+                    size = 0
+                if size and len(data) == eol + size + 4 and data.endswith(b"\r\n"):
+                    if self._payload is not None:
+                        self._payload(data[eol + 2:-2])
+                    return
+            self._chunks(data)
+            return
+        self._last = _monotonic()
         if self._streaming:  # a chunked body under way: the path every streamed token takes
             if self._raw is not None:
                 self._raw(data)
@@ -156,6 +176,7 @@ class Exchange(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._direct = None
         self._stop_watch()
         if not self.head.done():
             self.head.set_exception(NoAnswer(f"connection closed before the status line ({exc or 'EOF'})"))
@@ -172,11 +193,19 @@ class Exchange(asyncio.Protocol):
         self.method = method
         self._keep = keep_alive
         self._timeout = read_timeout
-        self._last = self.loop.time()
+        self._last = _monotonic()
         if read_timeout > 0:
             self._watch = self.loop.call_later(read_timeout, self._check_silence)
         assert self.transport is not None
         self.transport.write(request)
+
+    def direct(self, write: Sink) -> None:
+        """From now on hand each piece straight to `write` (the client's transport), which the
+        caller has made safe to call: back-pressure and a client that leaves are its business."""
+        if not self.closed and not self.done.done():
+            self._direct_to = write
+            if self._streaming:
+                self._direct = write
 
     def attach(self, raw: Sink | None, payload: Sink | None) -> None:
         """Start delivering the body: bytes that came with the head first, then as they arrive."""
@@ -185,6 +214,8 @@ class Exchange(asyncio.Protocol):
         for data in early:
             self._body(data)
         self._streaming = self._framing == CHUNKED and not self.done.done()
+        if self._streaming and self._direct_to is not None:
+            self._direct = self._direct_to
         if self._lost is not None and not self.done.done():
             self._end_of_stream(None if isinstance(self._lost, EOFError) else self._lost)  # type: ignore[arg-type]
 
@@ -339,12 +370,14 @@ class Exchange(asyncio.Protocol):
 
     def _finish(self) -> None:
         self._streaming = False
+        self._direct = None
         self._stop_watch()
         if not self.done.done():
             self.done.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
         self._streaming = False
+        self._direct = None
         self._stop_watch()
         self._reusable = False
         for fut in (self.head, self.done):
@@ -360,7 +393,7 @@ class Exchange(asyncio.Protocol):
         self._watch = None
         if self.done.done() or self.closed:
             return
-        quiet = self.loop.time() - self._last
+        quiet = _monotonic() - self._last
         if quiet >= self._timeout:
             self._fail(SilentUpstream(f"no answer for {self._timeout:g} s"))
         else:

@@ -117,6 +117,22 @@ async def test_pipelined_requests_are_answered_in_order(port):
     c.close()
 
 
+async def test_a_stream_goes_from_the_childs_connection_straight_to_the_clients(port, monkeypatch):
+    from swapper.relay import Exchange
+
+    directs: list[Any] = []
+    direct = Exchange.direct
+    monkeypatch.setattr(Exchange, "direct", lambda self, w: (directs.append(w), direct(self, w)))
+    c = await Conn.open(port)
+    await c.send(post(chat(stream=True, max_tokens=40)))
+    status, headers, body = await c.answer()
+    assert status == 200 and body.count(b"data: ") == 41 and body.endswith(b"data: [DONE]\n\n")
+    assert len(directs) == 1, "after the first piece, the relay is out of the way"
+    await c.send(post(chat()))  # and the connection serves the next request
+    assert json.loads((await c.answer())[2])["model"] == "a"
+    c.close()
+
+
 async def test_a_body_arriving_in_pieces_is_read_whole(port):
     c = await Conn.open(port)
     body = chat(pad="x" * 1500)
