@@ -59,10 +59,12 @@ class Ticker:
         self.work = work
         self.flush = flush
         self.period = FAST
+        self._poked = False
         self._sleep: asyncio.Future[None] | None = None
 
     def poke(self) -> None:
         """Something time-bound began: tick now, and fast from then on while it lasts."""
+        self._poked = True
         if self.period != FAST:
             self.period = FAST
             if self._sleep is not None and not self._sleep.done():
@@ -78,12 +80,14 @@ class Ticker:
             finally:
                 timer.cancel()
             pulse.beat()
+            self._poked = False
             try:
                 busy = self.work()
             except Exception:
                 log.exception("scheduler tick failed")
                 busy = True
-            self.period = FAST if busy else SLOW
+            # a poke during the tick (a start its rules began) counts as busy too
+            self.period = FAST if busy or self._poked else SLOW
             loop.call_soon(self.flush)  # after the output readers the beat woke have logged
 
 

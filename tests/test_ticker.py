@@ -56,6 +56,23 @@ async def test_a_poke_ticks_at_once_instead_of_after_the_slow_period():
         task.cancel()
 
 
+async def test_a_poke_from_within_a_tick_keeps_the_fast_pace():
+    t: Ticker
+
+    def work() -> bool:
+        t.poke()  # the tick's own rules began something time-bound (a start, say)
+        return False
+
+    t = Ticker(work, flush=lambda: None)
+    task = asyncio.ensure_future(t.run())
+    try:
+        await until(lambda: t._poked)
+        await asyncio.sleep(FAST * 1.5)
+        assert t.period == FAST
+    finally:
+        task.cancel()
+
+
 async def test_logs_are_flushed_on_every_tick_after_the_readers_it_woke():
     order: list[str] = []
 
