@@ -25,7 +25,8 @@ from .front import Front
 from .middleware import make_middlewares
 from .backends.llamacpp import LLAMA_HTTP_THREADS
 from .catalog import Catalog, ModelEntry, build_catalog
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings
+from .settings_load import load_settings
 from .errors import JsonErrorRunner
 from .estimate import Estimate, Estimator, FootprintStore
 from .device_set import detect_all

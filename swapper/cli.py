@@ -20,7 +20,8 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, Settings, add_setting_flags, list_presets, load_settings
+from .config import ConfigError, Settings
+from .settings_load import add_setting_flags, list_presets, load_settings
 from .units import format_bytes
 
 
@@ -127,7 +128,7 @@ def _run(ns: argparse.Namespace) -> int:
         print(render_unit(st, ns, sys.argv), end="")
         return 0
     if ns.command == "config":
-        from .config import render_yaml
+        from .settings_load import render_yaml
 
         print(render_yaml(load_settings(ns)), end="")
         return 0

@@ -270,7 +270,7 @@ def offline_answer(spec: Spec, models_dir: Path) -> int:
 def _models_dir(ns: argparse.Namespace) -> Path:
     if getattr(ns, "models_dir", None):
         return Path(os.path.expanduser(ns.models_dir))
-    from .config import load_settings
+    from .settings_load import load_settings
 
     st = load_settings(None, config_file=getattr(ns, "config", None), preset=getattr(ns, "preset", None))
     return st.models_path or Path("models")

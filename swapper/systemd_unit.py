@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIONS, Settings, cli_layer, env_layer
+from .config import OPTIONS, Settings
 from .gpu import is_unified_memory
+from .settings_load import cli_layer, env_layer
 
 # After SIGTERM swapper drains for drain_timeout, then gives each child 10s (+5s) to exit and its
 # HTTP runner 5s to close: this margin keeps systemd's SIGKILL behind all of that.

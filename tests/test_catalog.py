@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from swapper.catalog import build_catalog, scan_models_dir, shard_files
-from swapper.config import add_setting_flags, load_settings
+from swapper.settings_load import add_setting_flags, load_settings
 
 
 def touch(p: Path, size: int = 16) -> Path:

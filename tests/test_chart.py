@@ -20,7 +20,7 @@ import epp
 from conftest import REPO, link, synth_file
 from swapper import config as swcfg
 from swapper.cli import _parser
-from swapper.config import load_settings, list_presets
+from swapper.settings_load import list_presets, load_settings
 from swapper.units import parse_duration
 
 CHART = REPO / "charts" / "swapper"

@@ -13,7 +13,8 @@ from swapper.backends.llamacpp import LlamaCppBackend
 from swapper.backends.vllm import VllmBackend
 from swapper.catalog import build_catalog
 from swapper.chat_template import builtin_for_architecture, default_for_gguf
-from swapper.config import ConfigError, load_settings
+from swapper.config import ConfigError
+from swapper.settings_load import load_settings
 from swapper.gpu import FakeProbe, HostProbe
 
 

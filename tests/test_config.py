@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from swapper.config import ConfigError, add_setting_flags, load_settings
+from swapper.config import ConfigError
+
+from swapper.settings_load import add_setting_flags, load_settings
 from swapper.units import SizeSpec, parse_duration, parse_size, parse_size_spec
 
 

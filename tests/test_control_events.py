@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from schedfakes import FakeLauncher
 from swapper.app import build_runtime, create_app
-from swapper.config import load_settings
+from swapper.settings_load import load_settings
 from swapper.gpu import FakeProbe
 from swapper.synth import write_model
 

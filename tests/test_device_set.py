@@ -153,7 +153,8 @@ def test_an_amd_child_gets_rocr_by_device_and_hip_counting_within_it(monkeypatch
 
 
 def test_config_accepts_device_lists_and_per_device_budgets(tmp_path):
-    from swapper.config import ConfigError, load_settings
+    from swapper.config import ConfigError
+    from swapper.settings_load import load_settings
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("device: nvidia:0,2\ndevices:\n  nvidia:2: {budget: 60GiB, reserve: 1GiB}\n"

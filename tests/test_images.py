@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO, free_port
 from swapper.cli import _parser
-from swapper.config import load_settings
+from swapper.settings_load import load_settings
 from swapper.engines import BUILD_SCRIPT, LLAMA_CPP_PYTHON_VERSION
 
 IMAGES = {"cuda": "cuda", "rocm": "hip", "cpu": "cpu", "vllm": "cuda"}  # image -> llama.cpp variant

@@ -51,7 +51,7 @@ def test_presets_work_from_a_plain_install(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel[0])],
                    check=True, capture_output=True, timeout=300)
-    code = ("import swapper, swapper.config as c; print(swapper.__file__); "
+    code = ("import swapper, swapper.settings_load as c; print(swapper.__file__); "
             "print(c.load_settings(env={}, preset='cpu').device)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(target)}, timeout=60)

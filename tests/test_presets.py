@@ -14,7 +14,8 @@ import yaml
 
 from conftest import REPO, free_port, synth_file
 from swapper.cli import _parser
-from swapper.config import ConfigError, list_presets, load_settings, preset_path, presets_dir
+from swapper.config import ConfigError
+from swapper.settings_load import list_presets, load_settings, preset_path, presets_dir
 
 try:
     import tomllib

@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from swapper.cli import _parser
-from swapper.config import ConfigError, load_settings
+from swapper.config import ConfigError
+from swapper.settings_load import load_settings
 from swapper.router_cli import parse_router_args
 
 

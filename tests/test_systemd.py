@@ -21,7 +21,7 @@ import pytest
 import requests_shim as rq
 
 from conftest import free_port
-from swapper.config import load_settings, render_yaml
+from swapper.settings_load import load_settings, render_yaml
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 
