@@ -255,3 +255,44 @@ async def test_closing_lets_a_stream_under_way_finish_and_stops_listening(port):
     await asyncio.wait_for(closing, 10)
     with pytest.raises(OSError):
         await asyncio.open_connection(port.host, port.port)
+
+
+async def test_mangled_requests_get_an_answer_or_a_close_and_never_an_unhandled_error(port, caplog):
+    import random
+
+    rng = random.Random(17)
+    valid = post(chat(), extra="X-Request-ID: r-1\r\n")
+    cases = [valid[:i] for i in range(0, len(valid), 7)]  # every truncation, every few bytes
+    for _ in range(120):
+        data = bytearray(valid)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            op = rng.randrange(3)
+            if op == 0:
+                data[at] = rng.randrange(256)
+            elif op == 1:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            else:
+                del data[at:at + rng.randint(1, 8)]
+        cases.append(bytes(data))
+    printable = [bytes([c]) for c in range(0x20, 0x7f)]
+    for _ in range(60):  # the fields this reader interprets itself, with printable garbage
+        value = b"".join(rng.choice(printable) for _ in range(rng.randint(0, 6)))
+        name = rng.choice([b"Content-Length", b"Connection", b"X-Request-ID", b"Transfer-Encoding"])
+        cases.append(valid.replace(b"Content-Type", name + b": " + value + b"\r\nContent-Type", 1))
+        cases.append(valid.replace(b"Content-Length: ", b"Content-Length: " + value, 1))
+    with caplog.at_level("WARNING"):
+        for data in cases:
+            reader, writer = await asyncio.open_connection(port.host, port.port)
+            writer.write(data)
+            writer.write_eof()
+            got = await asyncio.wait_for(reader.read(), 10)  # an answer or a close, never a hang
+            assert not got or got.startswith(b"HTTP/1.1 "), got[:80]
+            writer.close()
+    unhandled = [r for r in caplog.records if r.exc_info or "Fatal error" in r.getMessage()
+                 or "Exception in callback" in r.getMessage()]
+    assert not unhandled, unhandled[0].getMessage()
+    c = await Conn.open(port)  # and the port still serves
+    await c.send(post(chat()))
+    assert (await c.answer())[0] == 200
+    c.close()
