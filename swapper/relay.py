@@ -123,7 +123,6 @@ class Exchange(asyncio.Protocol):
         self._attached = False
         self._streaming = False
         self._direct: Sink | None = None
-        self._direct_to: Sink | None = None  # asked for before the body streams: from then on
         self._framing = LENGTH
         self._left = 0
         self._chunk_state = _SIZE
@@ -202,20 +201,18 @@ class Exchange(asyncio.Protocol):
     def direct(self, write: Sink) -> None:
         """From now on hand each piece straight to `write` (the client's transport), which the
         caller has made safe to call: back-pressure and a client that leaves are its business."""
-        if not self.closed and not self.done.done():
-            self._direct_to = write
-            if self._streaming:
-                self._direct = write
+        if self._streaming and not self.closed:
+            self._direct = write
 
     def attach(self, raw: Sink | None, payload: Sink | None) -> None:
         """Start delivering the body: bytes that came with the head first, then as they arrive."""
         self._raw, self._payload, self._attached = raw, payload, True
+        # streaming from here on (`_finish` ends it, if the early bytes hold the whole answer),
+        # so a `direct` asked for while they are delivered holds for the pieces after them
+        self._streaming = self._framing == CHUNKED and not self.done.done()
         early, self._early = self._early, []
         for data in early:
             self._body(data)
-        self._streaming = self._framing == CHUNKED and not self.done.done()
-        if self._streaming and self._direct_to is not None:
-            self._direct = self._direct_to
         if self._lost is not None and not self.done.done():
             self._end_of_stream(None if isinstance(self._lost, EOFError) else self._lost)  # type: ignore[arg-type]
 
