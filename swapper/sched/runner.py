@@ -271,7 +271,7 @@ class Scheduler(EffectsRunner):
                 if m.state in STARTING and m.instance is not None:
                     seen[m.id] = self._process_bytes(m.instance) or 0
         self.feed(E.Tick(None, seen, readings=readings or None))
-        return busy or any(m.state == State.DRAINING for m in self.models.values())
+        return busy or not self.core.at_rest  # the core's own view after the tick: queues, drains, claims
 
     def _busy(self) -> None:
         if self.on_busy is not None:
