@@ -231,10 +231,9 @@ class FrontConnection(asyncio.Protocol):
         keep = False
         try:
             resp = await serve(self.front.rt, req, self.front.handler)
-            if getattr(resp, "relayed", False):
-                keep = req.keep_alive and resp.keep_alive is not False
-            else:
-                keep = self._write_answer(req, resp)
+            keep = req.keep_alive and resp.keep_alive is not False
+            if not getattr(resp, "relayed", False):
+                keep = self._write_answer(req, resp, keep)
         except asyncio.CancelledError:
             pass
         except Exception:  # nothing a request does may take the server down
@@ -252,8 +251,9 @@ class FrontConnection(asyncio.Protocol):
             if self.buf:
                 self._next()
 
-    def _write_answer(self, req: FastRequest, resp: web.StreamResponse) -> bool:
-        """An answer swapper made itself (an error, mostly), as aiohttp would have sent it."""
+    def _write_answer(self, req: FastRequest, resp: web.StreamResponse, keep: bool) -> bool:
+        """An answer swapper made itself (an error, mostly), as aiohttp would have sent it;
+        whether the connection stays open after it."""
         if not isinstance(resp, web.Response) or not isinstance(resp.body, (bytes, bytearray, type(None))):
             log.error("cannot send a %s answer on %s", type(resp).__name__, req.path)
             return False
@@ -265,7 +265,6 @@ class FrontConnection(asyncio.Protocol):
                 lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")))
         for k, v in answer_headers(self.front.rt, req):
             lines.append(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")))
-        keep = req.keep_alive and resp.keep_alive is not False
         lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(_Date.now())
         if not keep:
