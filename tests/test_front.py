@@ -30,6 +30,7 @@ from swapper.relay import Exchange
 from swapper.synth import write_model
 
 from httpfakes import OwnFrontTestServer
+from polls import eventually
 
 MiB = 1 << 20
 
@@ -429,11 +430,8 @@ async def test_a_client_that_leaves_mid_stream_is_a_499_and_the_engine_connectio
     client, engine, rt = await front()
     r = await client.post("/v1/completions", json={**BODY, "stream": True, "max_tokens": 2000, "pace": 0.005})
     assert r.status == 200 and (await r.content.readany()).startswith(b"data: ")
-    r.close()  # the client leaves after its first token
-    for _ in range(500):  # bounded: the next tokens find the client gone
-        if engine.cut and sample(rt, "swapper_requests_total", model="tiny", code="499") == 1:
-            break
-        await asyncio.sleep(0.01)
+    r.close()  # the client leaves after its first token: the next tokens find it gone
+    await eventually(lambda: engine.cut and sample(rt, "swapper_requests_total", model="tiny", code="499") == 1)
     assert engine.cut and engine.cut[0] < 1999, "the engine stopped writing long before its last token"
     assert sample(rt, "swapper_requests_total", model="tiny", code="499") == 1
     assert sample(rt, "swapper_requests_total", model="tiny", code="502") == 0, "the client left: not an engine error"
@@ -462,10 +460,8 @@ async def test_a_client_that_closes_as_soon_as_it_has_the_whole_answer_is_counte
         r = await client.post("/v1/completions", json=body)
         assert r.status == 200
         await r.read()
-    for _ in range(500):  # bounded: each is counted as its handler returns
-        if sample(rt, "swapper_request_duration_seconds_count", model="tiny") == 2:
-            break
-        await asyncio.sleep(0.01)
+    # each is counted as its handler returns
+    await eventually(lambda: sample(rt, "swapper_request_duration_seconds_count", model="tiny") == 2)
     assert sample(rt, "swapper_requests_total", model="tiny", code="200") == 2
     assert sample(rt, "swapper_requests_total", model="tiny", code="499") == 0
     assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 1 + 3, "usage counted for both"

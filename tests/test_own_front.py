@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from httpfakes import OwnFrontTestServer, runtime
+from polls import eventually
 
 
 @pytest.fixture
@@ -226,10 +227,7 @@ async def test_a_client_that_leaves_mid_stream_frees_the_model(port):
     rt = port.rt
     assert rt.scheduler.models["a"].inflight == 1
     c.close()
-    for _ in range(200):  # bounded poll: the handler is cancelled, the lease released
-        if rt.scheduler.models["a"].inflight == 0:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: rt.scheduler.models["a"].inflight == 0, timeout=4.0)  # cancelled, released
     assert rt.scheduler.models["a"].inflight == 0
     assert not port.front.conns
 

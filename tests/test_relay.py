@@ -14,6 +14,7 @@ from typing import AsyncIterator, Callable
 import pytest
 
 from schedfakes import entry as entry_of
+from polls import eventually
 from swapper.relay import BrokenAnswer, NoAnswer, SilentUpstream, UpstreamError, parse_head
 from swapper.upstreams import Upstreams
 
@@ -224,10 +225,7 @@ async def test_no_more_connections_than_the_limit_and_waiters_are_served_in_turn
     upstream.handler = held_until(release)
     pool = Upstreams(2)
     tasks = [asyncio.create_task(exchange(pool, upstream.port)) for _ in range(5)]
-    for _ in range(200):
-        if upstream.connections == 2:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: upstream.connections == 2, timeout=2.0)
     assert upstream.connections == 2
     release.set()
     results = await asyncio.gather(*tasks)
@@ -277,10 +275,7 @@ async def test_an_answer_arriving_after_its_request_gave_up_is_dropped_with_the_
     with pytest.raises(asyncio.CancelledError):
         await waiting
     gate.set()
-    for _ in range(200):  # the late answer must not raise inside the protocol
-        if ex._head_buf or not ex._in_head:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: ex._head_buf or not ex._in_head, timeout=2.0)  # the late answer arrives
     assert not ex._in_head and not errors, errors
     pool.release("127.0.0.1", upstream.port, ex)
     assert ex.closed and not ex.reusable
@@ -305,10 +300,7 @@ async def test_each_child_has_its_own_connection_limit(upstream):
             pool.release("127.0.0.1", upstream.port, ex)
 
     tasks = [asyncio.create_task(one()) for _ in range(8)]
-    for _ in range(200):
-        if upstream.connections == 6:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: upstream.connections == 6, timeout=2.0)
     assert upstream.connections == 6, "this child's own limit, not the pool's default"
     release.set()
     assert await asyncio.gather(*tasks) == [b"ok"] * 8

@@ -7,15 +7,9 @@ import asyncio
 from pathlib import Path
 
 from httpfakes import runtime
+from polls import eventually
 from swapper import ticker as ticker_mod
 from swapper.ticker import FAST, SLOW, Pulse, Ticker
-
-
-async def until(pred, timeout: float = 5.0) -> None:  # noqa: ANN001
-    end = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        assert asyncio.get_running_loop().time() < end, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_the_ticker_slows_down_at_rest_and_keeps_the_fast_pace_while_busy():
@@ -30,10 +24,10 @@ async def test_the_ticker_slows_down_at_rest_and_keeps_the_fast_pace_while_busy(
     t = Ticker(work, flush=lambda: None)
     task = asyncio.ensure_future(t.run())
     try:
-        await until(lambda: len(ticks) >= 3)
+        assert await eventually(lambda: len(ticks) >= 3)
         assert t.period == FAST
         busy[0] = False
-        await until(lambda: t.period == SLOW)
+        assert await eventually(lambda: t.period == SLOW)
         n = len(ticks)
         await asyncio.sleep(FAST * 2.5)  # a slow ticker does not tick at the fast pace
         assert len(ticks) <= n + 1
@@ -47,10 +41,10 @@ async def test_a_poke_ticks_at_once_instead_of_after_the_slow_period():
     t = Ticker(lambda: ticks.append(loop.time()) or False, flush=lambda: None)
     task = asyncio.ensure_future(t.run())
     try:
-        await until(lambda: len(ticks) >= 1 and t.period == SLOW)
+        assert await eventually(lambda: len(ticks) >= 1 and t.period == SLOW)
         n, poked_at = len(ticks), loop.time()
         t.poke()
-        await until(lambda: len(ticks) > n, timeout=SLOW * 0.6)
+        assert await eventually(lambda: len(ticks) > n, timeout=SLOW * 0.6)
         assert ticks[n] - poked_at < SLOW / 2
     finally:
         task.cancel()
@@ -66,7 +60,7 @@ async def test_a_poke_from_within_a_tick_keeps_the_fast_pace():
     t = Ticker(work, flush=lambda: None)
     task = asyncio.ensure_future(t.run())
     try:
-        await until(lambda: t._poked)
+        assert await eventually(lambda: t._poked)
         await asyncio.sleep(FAST * 1.5)
         assert t.period == FAST
     finally:
@@ -84,7 +78,7 @@ async def test_logs_are_flushed_on_every_tick_after_the_readers_it_woke():
     t = Ticker(lambda: order.append("work") or False, flush=lambda: order.append("flush"))
     tasks = [asyncio.ensure_future(reader()), asyncio.ensure_future(t.run())]
     try:
-        await until(lambda: order.count("flush") >= 2)
+        assert await eventually(lambda: order.count("flush") >= 2)
         first = order[:order.index("flush") + 1]
         assert first[-1] == "flush" and "read" in first and "work" in first
     finally:
