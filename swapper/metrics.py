@@ -1,6 +1,7 @@
 """Prometheus metrics (`/metrics`): `swapper_` prefix, seconds and bytes as base units.
 
-Counters and histograms are updated as things happen; gauges that describe the scheduler's
+Counters and histograms are updated as things happen (those every proxied request updates as
+plain numbers, folded into samples when scraped: request_metrics.py); gauges that describe the scheduler's
 state (queue depth, in flight, resident models, ledger, probe, footprints) are read from it at
 scrape time by a custom collector, so they can never drift from the truth. A model label is
 only ever a known model id: anything else is counted under `unknown`, so clients cannot blow up
@@ -21,11 +22,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from .fleet_metrics import FleetCollector
+from .request_metrics import RequestMetrics
 
 if TYPE_CHECKING:
     from .scheduler import Model, Scheduler, SwapEvent
 
-_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LOAD = (0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
 
@@ -34,57 +35,38 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.known = known
         r = self.registry
-        self.requests = Counter("swapper_requests", "Requests answered, by model and HTTP status.",
-                                ["model", "code"], registry=r)
-        self.duration = Histogram("swapper_request_duration_seconds", "Time from request to the end of the response.",
-                                  ["model"], buckets=_LATENCY, registry=r)
-        self.ttfb = Histogram("swapper_time_to_first_byte_seconds", "Time from request to the first response byte.",
-                              ["model"], buckets=_LATENCY, registry=r)
-        self.prompt_tokens = Counter("swapper_prompt_tokens", "Prompt tokens reported in responses' usage.",
-                                     ["model"], registry=r)
-        self.completion_tokens = Counter("swapper_completion_tokens", "Completion tokens reported in responses' usage.",
-                                         ["model"], registry=r)
+        self.per_request = RequestMetrics()
+        r.register(self.per_request)
         self.swaps = Counter("swapper_swaps", "Model loads, evictions, sleeps and wakes, by reason.",
                              ["model", "action", "reason"], registry=r)
         self.load_duration = Histogram("swapper_load_duration_seconds", "Time from admission to a model being ready.",
                                        ["model"], buckets=_LOAD, registry=r)
         self.load_failures = Counter("swapper_load_failures", "Loads that failed (and children that died).",
                                      ["model"], registry=r)
-        self.queue_wait = Histogram("swapper_queue_wait_seconds", "Time a request waited for its model.",
-                                    ["model"], buckets=_LATENCY, registry=r)
         self._scheduler: Scheduler | None = None
-        self._children: dict[tuple[Any, ...], Any] = {}
 
     def label(self, model: str) -> str:
         return model if model and model != "unknown" and self.known(model) else "unknown"
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, looked up once: prometheus-client validates and locks on
-        every `.labels()` call, which is most of what a metric costs on the request path."""
-        key = (metric, labels)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(*labels)
-        return c
 
     # ------------------------------------------------------------------ observations
 
     def request_done(self, model: str, status: int, seconds: float) -> None:
         m = self.label(model)
-        self.child(self.requests, m, str(status)).inc()
-        self.child(self.duration, m).observe(seconds)
+        pr = self.per_request
+        pr.requests.add((m, str(status)))
+        pr.duration.observe(m, seconds)
 
     def first_byte(self, model: str, seconds: float) -> None:
-        self.child(self.ttfb, self.label(model)).observe(seconds)
+        self.per_request.ttfb.observe(self.label(model), seconds)
 
     def tokens(self, model: str, usage: dict[str, Any]) -> None:
         m = self.label(model)
         p = usage.get("prompt_tokens", usage.get("input_tokens"))
         c = usage.get("completion_tokens", usage.get("output_tokens"))
         if isinstance(p, (int, float)) and p >= 0:
-            self.child(self.prompt_tokens, m).inc(p)
+            self.per_request.prompt_tokens.add((m,), p)
         if isinstance(c, (int, float)) and c >= 0:
-            self.child(self.completion_tokens, m).inc(c)
+            self.per_request.completion_tokens.add((m,), c)
 
     def swap(self, ev: SwapEvent) -> None:
         m = self.label(ev.model)
@@ -96,7 +78,7 @@ class Metrics:
             self.load_duration.labels(m).observe(ev.seconds)
 
     def waited(self, model: str, seconds: float) -> None:
-        self.child(self.queue_wait, self.label(model)).observe(seconds)
+        self.per_request.queue_wait.observe(self.label(model), seconds)
 
     # ------------------------------------------------------------------ scheduler state
 
