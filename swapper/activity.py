@@ -75,6 +75,7 @@ class LogRing(logging.Handler):
     """
 
     SKIP = ("swapper.access", "swapper.child", "aiohttp.access")
+    skips_access = True  # logsetup.log_access may write access lines without it
 
     def __init__(self, publish: Publish, loop: asyncio.AbstractEventLoop, size: int = 500):
         super().__init__(logging.INFO)

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from .app import Runtime
 
 log = logging.getLogger("swapper.api")
-access_log = logging.getLogger("swapper.access")
 
 STATIC = Path(__file__).with_name("static")
 

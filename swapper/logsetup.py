@@ -4,6 +4,13 @@ There is an access line for every request, so a `write` per record would be a sy
 the proxy's hot path: lines are collected and written together — with the next line once the
 first has waited 0.1 s, or by the ticker within 0.5 s (ticker.py) — at once for warnings and
 errors, and at exit.
+
+The access line itself skips the `logging` machinery (`log_access`) while swapper's own
+handler is the only one that takes it: a `LogRecord`, the logger's and each handler's filters
+and locks, for a line whose fields are known. Run cold on a core the engine shares, that
+machinery cost a proxied request more than the line is worth; the line written is the one the
+formatter would have made. With any other handler or filter in place (a test's log capture,
+an embedding application's logging), access lines go through `logging` as every other record.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import logging
 import sys
 import time
 from typing import Any, TextIO
+
+access_log = logging.getLogger("swapper.access")
 
 FLUSH_AFTER = 0.1
 FLUSH_LINES = 256
@@ -32,6 +41,11 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
 
+    def access_line(self, created: float, rid: str, message: str) -> str:
+        """What `format` makes of an access record."""
+        return json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(created)), "level": "info",
+                           "logger": access_log.name, "message": message, "request_id": rid})
+
 
 class TextFormatter(logging.Formatter):
     """`HH:MM:SS L name: message`, the clock formatted once a second."""
@@ -42,10 +56,17 @@ class TextFormatter(logging.Formatter):
         self._clock = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        second = int(record.created)
+        return self._clock_at(record.created)
+
+    def _clock_at(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second, self._clock = second, time.strftime("%H:%M:%S", time.localtime(second))
         return self._clock
+
+    def access_line(self, created: float, rid: str, message: str) -> str:
+        """What `format` makes of an access record."""
+        return f"{self._clock_at(created)} I {access_log.name}: {message}"
 
 
 class BatchedStreamHandler(logging.StreamHandler):
@@ -62,12 +83,14 @@ class BatchedStreamHandler(logging.StreamHandler):
         except Exception:
             self.handleError(record)
             return
+        self.add(line, record.created, record.levelno >= logging.WARNING)
+
+    def add(self, line: str, created: float, urgent: bool = False) -> None:
         lines = self.lines
         if not lines:
-            self.since = record.created
+            self.since = created
         lines.append(line)
-        if (record.levelno >= logging.WARNING or len(lines) >= FLUSH_LINES
-                or record.created - self.since >= FLUSH_AFTER):
+        if urgent or len(lines) >= FLUSH_LINES or created - self.since >= FLUSH_AFTER:
             self.flush()
 
     def flush(self) -> None:
@@ -86,6 +109,22 @@ class BatchedStreamHandler(logging.StreamHandler):
             self.release()
 
 
+_batch: BatchedStreamHandler | None = None  # the handler setup_logging installed
+
+
+def log_access(rid: str, message: str) -> None:
+    """An access line (the caller has checked that INFO is enabled for `swapper.access`)."""
+    h = _batch
+    root = logging.root
+    if (h is not None and not access_log.handlers and not access_log.filters and access_log.propagate
+            and not root.filters and not h.filters and h.level <= logging.INFO
+            and all(x is h or getattr(x, "skips_access", False) for x in root.handlers)):
+        created = time.time()
+        h.add(h.formatter.access_line(created, rid, message), created)  # type: ignore[union-attr]
+    else:
+        access_log.info(message, extra={"request_id": rid})
+
+
 def flush_logs() -> None:
     """Write what the batching handlers hold (the ticker calls this on every tick)."""
     for h in logging.getLogger().handlers:
@@ -102,6 +141,8 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    global _batch
+    _batch = handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -20,13 +20,13 @@ from aiohttp import web
 
 from . import control
 from .errors import bad_request, error_response, from_scheduler
+from .logsetup import access_log, log_access
 from .scheduler import SchedulerError
 
 if TYPE_CHECKING:
     from .app import Runtime
 
 log = logging.getLogger("swapper.api")
-access_log = logging.getLogger("swapper.access")
 
 # the control page's shell holds no data (its routes under /api/ take the key), so it opens
 # without one and asks for the key itself
@@ -126,8 +126,8 @@ async def serve(rt: Runtime, request: Any, handler: Handler) -> web.StreamRespon
         if access_log.isEnabledFor(logging.INFO):
             # the query string may carry the status page's api_key: never logged
             shown = request.path if "api_key" in request.query else request.path_qs
-            access_log.info("%s %s %s %s %.1fms", rid, request.method, shown, status,
-                            (time.monotonic() - t0) * 1000, extra={"request_id": rid})
+            log_access(rid, "%s %s %s %s %.1fms" % (rid, request.method, shown, status,
+                                                     (time.monotonic() - t0) * 1000))
 
 
 async def _guarded(rt: Runtime, request: web.Request, handler: Handler) -> web.StreamResponse:
