@@ -100,17 +100,21 @@ class LogRing(logging.Handler):
 class ChildLogs:
     """Each model's recent child output, kept across restarts so a failed start stays readable."""
 
-    def __init__(self, publish: Publish, size: int = 300):
+    def __init__(self, publish: Publish, size: int = 300, watched: Callable[[], bool] = lambda: True):
         self.publish = publish
+        self.watched = watched  # whether any page listens (else nothing is published)
         self.size = size
         self.lines: dict[str, deque[str]] = {}
 
-    def line(self, model: str, text: str) -> None:
+    def add(self, model: str, lines: list[str]) -> None:
+        """A batch of a model's output lines (process.line_hooks)."""
         ring = self.lines.get(model)
         if ring is None:
             ring = self.lines[model] = deque(maxlen=self.size)
-        ring.append(text)
-        self.publish("mlog", (model, text))
+        ring.extend(lines)
+        if self.watched():
+            for text in lines:
+                self.publish("mlog", (model, text))
 
     def tail(self, model: str) -> list[str]:
         return list(self.lines.get(model, ()))

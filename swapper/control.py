@@ -49,7 +49,7 @@ class Control:
         self.rt = rt
         self.subscribers: set[asyncio.Queue] = set()
         self.activity = Activity(self.publish)
-        self.child_logs = ChildLogs(self.publish)
+        self.child_logs = ChildLogs(self.publish, watched=lambda: bool(self.subscribers))
         self.log_ring: LogRing | None = None
         self._sent: dict[str, tuple] = {}
         self._ids: list[str] = []
@@ -72,7 +72,7 @@ class Control:
     async def _start(self, app: web.Application) -> None:
         self.log_ring = LogRing(self.publish, asyncio.get_running_loop())
         logging.getLogger().addHandler(self.log_ring)
-        process.line_hooks.append(self.child_logs.line)
+        process.line_hooks.append(self.child_logs.add)
         self.rt.proxy.finished.append(self.activity.finished)
         self.rt.scheduler.listeners.append(self._swap)
 
@@ -84,7 +84,7 @@ class Control:
         if self.log_ring is not None:
             logging.getLogger().removeHandler(self.log_ring)
         with contextlib.suppress(ValueError):
-            process.line_hooks.remove(self.child_logs.line)
+            process.line_hooks.remove(self.child_logs.add)
         await self._end_streams(app)
         if self._watcher is not None:
             self._watcher.cancel()

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -36,9 +37,11 @@ KEEPER = _keeper.__file__
 log = logging.getLogger("swapper.process")
 child_log = logging.getLogger("swapper.child")
 
-# called with (child name, line) for every line of child output (the control page's live logs);
-# runs on the event loop, so a hook must be cheap and must not block
-line_hooks: list[Callable[[str, str], None]] = []
+# called with (child name, lines) for each batch of child output lines (the control page's live
+# logs); runs on the event loop, so a hook must be cheap and must not block
+line_hooks: list[Callable[[str, list[str]], None]] = []
+# a line of child output that is logged whatever the child's state (see _line_level)
+_ALARM = re.compile(r"^[^ \n]* E |ERROR|Traceback", re.M)
 PIPE_SIZE = 1 << 20
 
 
@@ -177,10 +180,10 @@ class ChildProcess:
                     if len(partial) > 1 << 20:  # a "line" with no end in sight: show what there is
                         whole, partial = whole + b"\n" + partial, b""
                     if whole:
-                        self._lines(whole.decode(errors="replace").split("\n"))
+                        self._lines(whole.decode(errors="replace"))
                 if eof:
                     if partial:
-                        self._lines([partial.decode(errors="replace")])
+                        self._lines(partial.decode(errors="replace"))
                     return
                 if len(data) >= PIPE_SIZE // 4:  # a burst: read on soon, but let the loop run
                     await asyncio.sleep(0)
@@ -196,17 +199,26 @@ class ChildProcess:
         finally:
             os.close(fd)
 
-    def _lines(self, lines: list[str]) -> None:
-        healthy, tail, name = self.healthy, self.tail, self.name
+    def _lines(self, text: str) -> None:
+        """A batch of whole lines: kept, shown to the hooks, logged at their level.
+
+        A serving child's batch is handled as one piece unless it holds an error: its lines
+        all go to DEBUG (`_line_level`), so with DEBUG off nothing is logged line by line.
+        """
+        lines = [line for line in map(str.rstrip, text.split("\n")) if line]
+        if not lines:
+            return
+        self.tail.extend(lines)
+        name = self.name
+        for hook in line_hooks:
+            hook(name, lines)
+        healthy = self.healthy
+        if healthy and not child_log.isEnabledFor(logging.DEBUG) and _ALARM.search(text) is None:
+            return
         for line in lines:
-            text = line.rstrip()
-            if text:
-                tail.append(text)
-                for hook in line_hooks:
-                    hook(name, text)
-                level = _line_level(text, healthy)
-                if child_log.isEnabledFor(level):
-                    child_log.log(level, "[%s] %s", name, text)
+            level = _line_level(line, healthy)
+            if child_log.isEnabledFor(level):
+                child_log.log(level, "[%s] %s", name, line)
 
     async def _wait(self) -> None:
         assert self.proc is not None

@@ -15,6 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from schedfakes import FakeLauncher
+from swapper import process
+from swapper.activity import ChildLogs
 from swapper.app import build_runtime, create_app
 from swapper.settings_load import load_settings
 from swapper.gpu import FakeProbe
@@ -134,3 +136,17 @@ async def test_every_proxied_request_becomes_an_activity_row(client):
         assert row["duration"] >= 0 and row["ttft"] is None
     state = await (await c.get("/api/control/state", headers=ADMIN)).json()
     assert [r["status"] for r in state["requests"]] == [404]
+
+
+async def test_child_output_reaches_the_logs_route_and_a_watching_page_line_by_line(client):
+    c, rt = client
+    hook = next(h for h in process.line_hooks if isinstance(getattr(h, "__self__", None), ChildLogs))
+    hook("a", ["before any page"])
+    async with c.get("/api/control/events", headers=ADMIN) as resp:
+        ev = Events(resp)
+        await ev.next("snapshot")
+        hook("a", ["first line", "second line"])
+        assert (await ev.next("mlog"))[1] == {"model": "a", "line": "first line"}
+        assert (await ev.next("mlog"))[1] == {"model": "a", "line": "second line"}
+    doc = await (await c.get("/api/control/logs?model=a", headers=ADMIN)).json()
+    assert doc["lines"] == ["before any page", "first line", "second line"]

@@ -9,6 +9,7 @@ import sys
 
 import aiohttp
 
+from swapper import process
 from swapper.process import ChildExited, ChildProcess, _line_level
 
 
@@ -57,3 +58,44 @@ async def test_a_child_gets_a_process_group_of_its_own_in_swappers_session():
     finally:
         await child.stop(1.0)
     assert child.returncode is not None
+
+
+LINES = [
+    "0.06.121 W slot operator(): need to evaluate at least 1 token",
+    "0.06.013 I slot print_timing: eval time = 5.95 ms",
+    "0.07.000 E srv  send_error: task 3 failed",
+    " E leading space",
+    "ERROR 11-23 engine core died",
+    "Traceback (most recent call last):",
+    "0.07.001 I srv  done, no Errors here",
+    "E",
+    "x E",
+    "a b E c",
+]
+
+
+def test_a_batch_holds_an_error_exactly_when_one_of_its_lines_is_logged_as_one():
+    from swapper.process import _ALARM
+    for line in LINES:
+        assert (_ALARM.search(line) is not None) == (_line_level(line, healthy=True) == logging.ERROR), line
+    text = "\n".join(LINES[:2]) + "\n"
+    assert _ALARM.search(text) is None
+    assert _ALARM.search(text + LINES[2] + "\n") is not None
+
+
+def test_a_serving_childs_batch_is_kept_and_only_its_errors_are_logged(caplog):
+    seen: list[tuple[str, list[str]]] = []
+    hook = lambda name, lines: seen.append((name, lines))  # noqa: E731
+    child = ChildProcess("m", ["true"])
+    child.healthy = True
+    process.line_hooks.append(hook)
+    try:
+        with caplog.at_level(logging.INFO, logger="swapper.child"):
+            child._lines("\n".join(LINES[:2]) + "\n\n  \n")
+            assert not caplog.records, "a serving child's chatter is not logged"
+            child._lines(LINES[1] + "\r\n" + LINES[2] + "\n")
+    finally:
+        process.line_hooks.remove(hook)
+    assert [r.getMessage() for r in caplog.records] == ["[m] " + LINES[2]]
+    assert list(child.tail) == [LINES[0], LINES[1], LINES[1], LINES[2]], "every non-empty line kept, line ends stripped"
+    assert seen == [("m", LINES[:2]), ("m", [LINES[1], LINES[2]])], "hooks get each batch"
