@@ -168,7 +168,7 @@ def build_runtime(st: Settings, probe: MemoryProbe | list[MemoryProbe] | None = 
     sched = Scheduler(catalog, probes, launcher, estimator, scheduler_config(st), clock=clock)
     rt = Runtime(st, catalog, sched, launcher, probe, estimator, metrics, reload_settings)
     holder["rt"] = rt
-    metrics.known = lambda name: name in sched.models
+    metrics.known = sched.models.__contains__  # the scheduler's own dict (never replaced)
     metrics.attach(sched)
     sched.listeners.append(_log_swap)
     return rt

@@ -4,7 +4,7 @@ The answer's head is written here rather than by aiohttp's `StreamResponse` so t
 answer (head and body arrived together from the child) leaves in one `write`, and a streamed
 token costs one `transport.write` (see relay.py for why the HTTP library is bypassed). The
 client's connection belongs to front.py (or to aiohttp, for a connection front.py handed over):
-the `RelayedResponse` returned to it says whether the connection stays open.
+the `Relayed` (or `RelayedResponse`) returned to it says whether the connection stays open.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from .relay import LENGTH, Exchange, Head
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a platform without its wheel
+    orjson = None  # type: ignore[assignment]
 
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -111,6 +116,37 @@ def keeps_alive(request: web.Request, head: Head) -> bool:
     return request.keep_alive and (head.framing == LENGTH or request.version >= (1, 1))
 
 
+def parse_json(raw: bytes) -> Any:
+    """`json.loads`, done by orjson when it can say the same.
+
+    orjson parses a request body in a fifth of the time, in one C call; where it fails (NaN,
+    a lone surrogate, a byte order mark, bad UTF-8: what the standard parser takes or words
+    differently), the standard parser decides. It reads integers beyond 64 bits as floats, so a
+    body that is re-serialised is parsed again by the standard parser (proxy.py).
+    """
+    if orjson is not None:
+        try:
+            return orjson.loads(raw)
+        except ValueError:
+            pass
+    return json.loads(raw)
+
+
+class Relayed:
+    """What the handler returns to front.py once the relay has written the whole answer: its
+    status, and whether the connection stays open (`RelayedResponse` is the same for aiohttp)."""
+
+    __slots__ = ("status", "keep_alive")
+    relayed = True
+
+    def __init__(self, status: int, keep_alive: bool):
+        self.status = status
+        self.keep_alive = keep_alive
+
+    def force_close(self) -> None:
+        self.keep_alive = False
+
+
 class RelayedResponse(web.StreamResponse):
     """What the handler returns once the relay has written the whole answer to the transport:
     aiohttp must neither write a head nor an end of its own, only learn about keep-alive."""
@@ -154,7 +190,7 @@ class UsageSniffer:
             m = _USAGE_RE.match(buf, at)
             if m:
                 try:
-                    u = json.loads(m.group(1))
+                    u = parse_json(m.group(1))
                 except ValueError:
                     return None
                 return u if isinstance(u, dict) else None

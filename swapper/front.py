@@ -70,6 +70,7 @@ class FastRequest(dict):  # type: ignore[type-arg]
         self.path = path
         self.path_qs = raw_path
         self.query_string = qs
+        self.query = _EMPTY_QUERY if not qs else MultiDictProxy(MultiDict(parse_qsl(qs, keep_blank_values=True)))
         self.raw_headers = raw_headers
         self.headers = CIMultiDictProxy(CIMultiDict(
             [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw_headers]))
@@ -78,12 +79,6 @@ class FastRequest(dict):  # type: ignore[type-arg]
         self.content = self
         self.keep_alive = keep_alive
         self._unread = True
-
-    @property
-    def query(self) -> MultiDictProxy[str]:
-        if not self.query_string:
-            return _EMPTY_QUERY
-        return MultiDictProxy(MultiDict(parse_qsl(self.query_string, keep_blank_values=True)))
 
     async def readany(self) -> bytes:
         """The body, once (the proxy's reader asks until it gets nothing)."""

@@ -117,12 +117,15 @@ def log_access(rid: str, message: str) -> None:
     h = _batch
     root = logging.root
     if (h is not None and not access_log.handlers and not access_log.filters and access_log.propagate
-            and not root.filters and not h.filters and h.level <= logging.INFO
-            and all(x is h or getattr(x, "skips_access", False) for x in root.handlers)):
-        created = time.time()
-        h.add(h.formatter.access_line(created, rid, message), created)  # type: ignore[union-attr]
-    else:
-        access_log.info(message, extra={"request_id": rid})
+            and not root.filters and not h.filters and h.level <= logging.INFO):
+        for other in root.handlers:
+            if other is not h and not getattr(other, "skips_access", False):
+                break
+        else:
+            created = time.time()
+            h.add(h.formatter.access_line(created, rid, message), created)  # type: ignore[union-attr]
+            return
+    access_log.info(message, extra={"request_id": rid})
 
 
 def flush_logs() -> None:

@@ -26,8 +26,8 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from .catalog import Resolution
-from .downstream import (Downstream, RelayedResponse, UsageSniffer, answer_head, keeps_alive,
-                         request_head)
+from .downstream import (Downstream, Relayed, RelayedResponse, UsageSniffer, answer_head, keeps_alive,
+                         parse_json, request_head)
 from .errors import bad_request, error_response, from_scheduler, not_found_model
 from .middleware import answer_headers
 from .relay import CHUNKED, LENGTH, UNTIL_CLOSE, Exchange, Head, NoAnswer, UpstreamError
@@ -89,6 +89,9 @@ class Proxy:
         self._limits: dict[int, tuple[Any, int | None]] = {}
 
     async def read_body(self, request: web.Request) -> bytes | web.Response:
+        whole = getattr(request, "body", None)  # front.py's requests come read, within the limit
+        if whole is not None:
+            return whole
         limit = self.rt.settings.max_body
         if request.content_length is not None and request.content_length > limit:
             return _too_big(limit)
@@ -159,7 +162,7 @@ class Proxy:
                 model = multipart_model(raw, ctype)
             else:
                 try:
-                    parsed = json.loads(raw) if raw else None
+                    parsed = parse_json(raw) if raw else None
                 except (ValueError, UnicodeDecodeError) as e:
                     status = 400
                     return bad_request(f"request body is not valid JSON: {e}")
@@ -245,7 +248,8 @@ class Proxy:
         payload = raw
         if body is not None:
             new = inst.backend.rewrite(request.path, body, entry, res.adapter)
-            if new is not None:
+            if new is not None:  # re-serialised: from the exact parse (see parse_json)
+                new = inst.backend.rewrite(request.path, json.loads(raw), entry, res.adapter)
                 payload = json.dumps(new).encode()
         host, port = self._address(inst.base_url)
         message = request_head(request, host, port, len(payload), body) + payload
@@ -342,7 +346,8 @@ class Proxy:
             out = down.chunk if framed else down.write
             ex.attach(None, out if sniff is None else _both(out, sniff.feed))
         down.flush_head()
-        resp = RelayedResponse(head.status, head.reason or None, keep_alive)
+        resp: Any = (Relayed(head.status, keep_alive) if down.conn is not None  # front.py's connection
+                     else RelayedResponse(head.status, head.reason or None, keep_alive))
         try:
             await _complete(ex)
         except UpstreamError as e:

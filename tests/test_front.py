@@ -25,6 +25,7 @@ from swapper import backends
 from swapper.app import build_runtime, create_app
 from swapper.config import ModelSpec, Settings
 from swapper.gpu import FakeProbe
+from swapper.downstream import parse_json
 from swapper.proxy import UsageSniffer
 from swapper.relay import Exchange
 from swapper.synth import write_model
@@ -246,6 +247,28 @@ async def test_body_is_forwarded_byte_for_byte(front):
     r = await client.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"})
     assert r.status == 200
     assert engine.bodies[-1] == raw, "what the standard library accepts is passed on untouched"
+
+
+async def test_a_body_the_engine_rewrites_keeps_every_number_as_sent(front, monkeypatch):
+    class Renaming:
+        def rewrite(self, path: str, body: dict[str, Any], entry: Any, adapter: Any) -> dict[str, Any]:
+            return {**body, "model": "served-name"}
+
+    monkeypatch.setattr(backends, "get", lambda engine, settings: Renaming())
+    client, engine, _ = await front()
+    raw = b'{"model":"tiny", "prompt":"x", "max_tokens":2, "seed": 123456789012345678901234567890}'
+    r = await client.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert r.status == 200
+    sent = json.loads(engine.bodies[-1])
+    assert sent["model"] == "served-name" and sent["seed"] == 123456789012345678901234567890
+
+
+def test_json_bodies_read_as_the_standard_library_reads_them():
+    for raw in (b'{"a": NaN, "b": 1e400}', b'\xef\xbb\xbf{"a": 1}', b'{"a": "\\ud800"}', b'{"a": [1, 2.5, null]}'):
+        assert repr(parse_json(raw)) == repr(json.loads(raw)), raw
+    for bad in (b'{"a": "\xff"}', b'{"a": 1', b""):
+        with pytest.raises(ValueError):
+            parse_json(bad)
 
 
 async def test_usage_is_counted_from_plain_and_streamed_answers(front):

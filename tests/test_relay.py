@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
+import time
 from typing import AsyncIterator, Callable
 
 import pytest
@@ -318,3 +320,36 @@ def test_a_llama_server_child_takes_as_many_connections_as_its_slots_need():
     assert backend.connections(big) == 34  # 36 threads for 32 slots
     told = dataclasses.replace(entry_of("c"), args=("--threads-http", "8"))
     assert backend.connections(told) == 6
+
+
+async def test_a_connect_that_hangs_fails_at_the_connect_timeout_and_leaves_the_task_usable():
+    """A child whose accept queue is full drops new connections' SYNs: the connect waits."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    held: list[socket.socket] = []
+    pool = Upstreams(limit=64)
+    try:
+        for _ in range(16):  # fill the accept queue (nobody accepts) until a connect waits
+            s = socket.socket()
+            held.append(s)
+            s.settimeout(0.2)
+            try:
+                s.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break
+        else:
+            pytest.fail("the accept queue never filled")
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.open("127.0.0.1", port, connect_timeout=0.3)
+        assert 0.25 <= time.monotonic() - t0 < 2.0
+        task = asyncio.current_task()
+        assert task is not None and not task.cancelling(), "the timer's cancellation is taken back"
+        await asyncio.sleep(0)
+    finally:
+        for s in held:
+            s.close()
+        server.close()
+        pool.close()
