@@ -108,51 +108,57 @@ def make_middlewares(rt: Runtime) -> list[Any]:
 
 async def serve(rt: Runtime, request: Any, handler: Handler) -> web.StreamResponse:
     """A request's way through: request ID and access log, CORS preflight, keys, the handler,
-    last-resort errors. aiohttp's requests come here through the middleware, front.py's directly."""
+    any exception turned into an OpenAI-style error. aiohttp's requests come here through the
+    middleware, front.py's directly (one frame for all of it: every proxied request passes)."""
     rid = request_id_of(request)
     request["request_id"] = rid
     t0 = time.monotonic()
-    status: int | str = "-"
+    resp: web.StreamResponse | None = None
     try:
         if rt.settings.cors_origins and request.method == "OPTIONS":
-            pre = _preflight(rt, request)
-            if pre is not None:
-                status = pre.status
-                return pre
-        resp = await _guarded(rt, request, handler)
-        status = resp.status
+            resp = _preflight(rt, request)
+            if resp is not None:
+                return resp
+        if rt.api_keys or rt.settings.admin_keys:
+            resp = _refused(rt, request)
+            if resp is not None:
+                return resp
+        resp = await handler(request)
+        return resp
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "invalid_request")
+        resp = error_response(e.reason or "error", e.status, code)
+        return resp
+    except asyncio.CancelledError:
+        raise
+    except SchedulerError as e:
+        resp = from_scheduler(e)
+        return resp
+    except RecursionError:  # JSON nested too deep for the parser
+        resp = bad_request("request body is nested too deeply")
+        return resp
+    except Exception as e:  # nothing crashes the supervisor
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        resp = error_response(f"internal error: {e.__class__.__name__}", 500, "internal_error")
         return resp
     finally:
         if access_log.isEnabledFor(logging.INFO):
             # the query string may carry the status page's api_key: never logged
             shown = request.path if "api_key" in request.query else request.path_qs
-            log_access(rid, "%s %s %s %s %.1fms" % (rid, request.method, shown, status,
+            log_access(rid, "%s %s %s %s %.1fms" % (rid, request.method, shown,
+                                                     resp.status if resp is not None else "-",
                                                      (time.monotonic() - t0) * 1000))
 
 
-async def _guarded(rt: Runtime, request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The handler behind the key check, with any exception turned into an OpenAI-style error."""
-    try:
-        if rt.api_keys or rt.settings.admin_keys:
-            required = required_keys(rt, request)
-            if required and not _keys_match(_given_key(request), required):
-                return error_response("missing or invalid API key", 401, "invalid_api_key",
-                                      headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "invalid_request")
-        return error_response(e.reason or "error", e.status, code)
-    except asyncio.CancelledError:
-        raise
-    except SchedulerError as e:
-        return from_scheduler(e)
-    except RecursionError:  # JSON nested too deep for the parser
-        return bad_request("request body is nested too deeply")
-    except Exception as e:  # nothing crashes the supervisor
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(f"internal error: {e.__class__.__name__}", 500, "internal_error")
+def _refused(rt: Runtime, request: web.Request) -> web.Response | None:
+    """The 401 for a request without a key this route takes."""
+    required = required_keys(rt, request)
+    if required and not _keys_match(_given_key(request), required):
+        return error_response("missing or invalid API key", 401, "invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
+    return None
 
 
 def _preflight(rt: Runtime, request: web.Request) -> web.Response | None:

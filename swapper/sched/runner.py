@@ -216,7 +216,7 @@ class Scheduler(EffectsRunner):
     def _model(self, model_id: str) -> Model:
         if self.closing:
             raise ShuttingDown("swapper is shutting down")
-        m = self.models.get(model_id)
+        m = self.core.models.get(model_id)
         if m is None or m.removed:
             raise UnknownModel(f"model '{model_id}' not found; known models: {', '.join(self.catalog.names())}")
         return m
@@ -252,7 +252,7 @@ class Scheduler(EffectsRunner):
             log.warning("cannot estimate %s: %s", entry.id, e)
 
     def _arrive(self, ev: E.Arrived) -> None:
-        m = self.models.get(ev.model)
+        m = self.core.models.get(ev.model)
         if m is not None and not m.loaded:  # a cold request decides with a fresh reading
             self._refresh(min_age=0.0)
             self._busy()
