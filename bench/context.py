@@ -24,8 +24,8 @@ class Profile:
     overhead_mib: int = 16
     cpu_concurrency: tuple[int, ...] = (1, 8, 32)  # the CPU-per-request table
     cpu_reps: int = 3
-    cpu_short: int = 200  # enough CPU per run that 10 ms clock ticks do not matter
-    cpu_streams: int = 64  # a stream costs the front ~3 ms: 16 of them were ~5 clock ticks a run
+    cpu_short: int = 200  # requests per target and repetition
+    cpu_streams: int = 64  # streams per target and repetition (at least the concurrency)
     cpu_stream_tokens: int = 64
     swap_models: int = 3
     swap_mib: int = 64

@@ -1,12 +1,12 @@
 """Part of section 1: CPU per request of each front, at concurrency 1, 8 and 32, targets interleaved.
 
 On a CPU-only host the front shares the cores with generation, so what it spends per request
-(and per streamed token) is the cost to compare with llama.cpp's own router. CPU time is read
-from /proc (user + system, in clock ticks): the front is the server process alone (swapper's
-supervisor, router mode's router); the engine is everything below it (swapper's keeper and
+(and per streamed token) is the cost to compare with llama.cpp's own router. CPU time (user +
+system) is read from each process's kernel CPU clock, to the nanosecond (servers.py,
+`process_cpu_seconds`): the front is the server process alone (swapper's supervisor, router
+mode's router, every thread of it); the engine is everything below it (swapper's keeper and
 llama-server, the router's llama-server child), or llama-server itself when it is served
-directly. Totals over every repetition are divided by the requests of every repetition, so
-the 10 ms tick does not round small per-request costs away.
+directly. Totals over every repetition are divided by the requests of every repetition.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import psutil
-
 from .context import Ctx
 from .driver import completion
 from .report import Goal, md_table
-from .servers import Server
+from .servers import Server, process_cpu_seconds
 from .stats import ratio
 
 TARGETS = ("direct", "swapper", "router")
@@ -46,14 +44,12 @@ class Tally:
 
 def engine_seconds(server: Server) -> float:
     """CPU of the processes that generate: the children of a front, or a direct llama-server."""
-    procs = [psutil.Process(server.proc.pid)] if server.kind == "direct" else server.descendants()
+    pids = [server.proc.pid] if server.kind == "direct" else [p.pid for p in server.descendants()]
     total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        total += t.user + t.system
+    for pid in pids:
+        t = process_cpu_seconds(pid)
+        if t == t:  # not NaN: the process is still there
+            total += t
     return total
 
 

@@ -31,6 +31,24 @@ REPO = Path(__file__).resolve().parent.parent
 CTX = 4096
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a live process and all its threads, exited ones included.
+
+    From the kernel's CPU clock of that process (`clock_getcpuclockid`, here computed as the
+    kernel encodes it: a process's scheduler clock is `(~pid << 3) | 2`), to the nanosecond:
+    /proc and psutil count in 10 ms ticks, which for a few dozen streams of ~3 ms each was a
+    tenth of what was measured. Falls back to psutil where the clock cannot be read.
+    """
+    try:
+        return time.clock_gettime((~pid << 3) | 2)
+    except OSError:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return float("nan")
+        return t.user + t.system
+
+
 def find_llama_server() -> str:
     """$SWAPPER_LLAMA_SERVER, PATH, or swapper's build cache (`make llama-server`)."""
     from swapper.engines import cached_llama_server
@@ -132,11 +150,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) of the server process alone, not its children."""
-        try:
-            t = psutil.Process(self.proc.pid).cpu_times()
-        except psutil.NoSuchProcess:
-            return float("nan")
-        return t.user + t.system
+        return process_cpu_seconds(self.proc.pid)
 
     def log_tail(self, n: int = 30) -> str:
         try:
