@@ -26,6 +26,8 @@ LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2
 # where a chunked body is
 _SIZE, _DATA, _DATA_END, _TRAILER, _END = range(5)
 MAX_HEAD = 64 << 10
+SETTLE_EVERY = 64  # pieces of a stream handed on before their framing is read (see Exchange.direct)
+_LAST_CHUNK = b"0\r\n\r\n"
 _monotonic = time.monotonic
 
 
@@ -123,6 +125,7 @@ class Exchange(asyncio.Protocol):
         self._attached = False
         self._streaming = False
         self._direct: Sink | None = None
+        self._pending: list[bytes] | None = None  # handed on, framing not read yet (see `direct`)
         self._framing = LENGTH
         self._left = 0
         self._chunk_state = _SIZE
@@ -139,6 +142,14 @@ class Exchange(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        pending = self._pending
+        if pending is not None:  # a stream that ends with its connection: the path of its tokens
+            self._direct(data)  # type: ignore[misc]
+            self._last = _monotonic()
+            pending.append(data)
+            if len(pending) >= SETTLE_EVERY or data.endswith(_LAST_CHUNK):
+                self._settle()
+            return
         direct = self._direct
         if direct is not None:  # a stream handed on as it is: the path every streamed token takes
             direct(data)
@@ -175,7 +186,10 @@ class Exchange(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._pending:
+            self._settle()
         self._direct = None
+        self._pending = None
         self._stop_watch()
         if not self.head.done():
             self.head.set_exception(NoAnswer(f"connection closed before the status line ({exc or 'EOF'})"))
@@ -200,9 +214,27 @@ class Exchange(asyncio.Protocol):
 
     def direct(self, write: Sink) -> None:
         """From now on hand each piece straight to `write` (the client's transport), which the
-        caller has made safe to call: back-pressure and a client that leaves are its business."""
+        caller has made safe to call: back-pressure and a client that leaves are its business.
+
+        When the child closes the connection after this answer (a stream: llama-server does,
+        and swapper asks it to), the pieces' chunk framing is read in batches, not piece by
+        piece: when a piece ends the way the last chunk does, every `SETTLE_EVERY` pieces, and
+        when the connection ends. Where the answer ends is found as exactly as before, and no
+        later than the child's close; a streamed token costs a `write`, a timestamp and an
+        `append`.
+        """
         if self._streaming and not self.closed:
             self._direct = write
+            if not self._reusable:
+                self._pending = []
+
+    def _settle(self) -> None:
+        """Read the framing (and payload) of the pieces handed on since the last time."""
+        pending, self._pending = self._pending or [], []
+        for data in pending:
+            if self._pending is None:  # the answer ended (or failed) in an earlier piece
+                break
+            self._chunks(data)
 
     def attach(self, raw: Sink | None, payload: Sink | None) -> None:
         """Start delivering the body: bytes that came with the head first, then as they arrive."""
@@ -368,6 +400,7 @@ class Exchange(asyncio.Protocol):
     def _finish(self) -> None:
         self._streaming = False
         self._direct = None
+        self._pending = None
         self._stop_watch()
         if not self.done.done():
             self.done.set_result(None)
@@ -375,6 +408,7 @@ class Exchange(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         self._streaming = False
         self._direct = None
+        self._pending = None
         self._stop_watch()
         self._reusable = False
         for fut in (self.head, self.done):

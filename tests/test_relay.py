@@ -353,3 +353,61 @@ async def test_a_connect_that_hangs_fails_at_the_connect_timeout_and_leaves_the_
             s.close()
         server.close()
         pool.close()
+
+
+async def streamed(pool: Upstreams, port: int, timeout: float = 5.0) -> tuple[bytes, bytes]:
+    """A stream as the proxy relays one: the request asks the child to close after it, and from
+    the first piece on the pieces go straight to the client's write. (raw bytes, payload)"""
+    ex = await pool.open("127.0.0.1", port, 5.0)
+    raw: list[bytes] = []
+    payload: list[bytes] = []
+
+    def first(data: bytes) -> None:
+        raw.append(data)
+        if len(raw) == 1:
+            ex.direct(raw.append)
+
+    try:
+        ex.send("POST", REQUEST, timeout, keep_alive=False)
+        await ex.head
+        ex.attach(first, payload.append)
+        await ex.done
+        return b"".join(raw), b"".join(payload)
+    finally:
+        pool.release("127.0.0.1", port, ex)
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _events(n: int) -> list[bytes]:
+    return [b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: %d\n\n" % i for i in range(n))]
+
+
+async def test_a_long_stream_ends_at_its_last_chunk_even_if_the_child_keeps_the_connection(upstream):
+    """The framing of a stream's pieces is read in batches; the last chunk still ends it at once."""
+    events = _events(150)  # more than two batches
+    upstream.handler = answering(STREAM_HEAD, *events, b"0\r\n\r\n", pause=0.0005)  # and holds on
+    pool = Upstreams(4)
+    raw, payload = await asyncio.wait_for(streamed(pool, upstream.port), 10)
+    assert raw == b"".join(events) + b"0\r\n\r\n"
+    assert payload == b"".join(b"data: %d\n\n" % i for i in range(150)), "every event's payload, in order"
+    pool.close()
+
+
+async def test_a_long_stream_cut_off_by_the_child_is_a_broken_answer(upstream):
+    events = _events(100)
+    upstream.handler = answering(STREAM_HEAD, *events, close=True, pause=0.0005)
+    pool = Upstreams(4)
+    with pytest.raises(BrokenAnswer):
+        await asyncio.wait_for(streamed(pool, upstream.port), 10)
+    pool.close()
+
+
+async def test_a_stream_with_bad_framing_past_its_first_piece_fails_by_the_time_the_child_closes(upstream):
+    upstream.handler = answering(STREAM_HEAD, *_events(3), b"zz\r\nnot a chunk\r\n", *_events(2), close=True,
+                                 pause=0.0005)
+    pool = Upstreams(4)
+    with pytest.raises(BrokenAnswer, match="malformed chunk size"):
+        await asyncio.wait_for(streamed(pool, upstream.port), 10)
+    pool.close()
