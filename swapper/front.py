@@ -74,18 +74,9 @@ class FastRequest(dict):  # type: ignore[type-arg]
         self.raw_headers = raw_headers
         self.headers = CIMultiDictProxy(CIMultiDict(
             [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw_headers]))
-        self.body = body
+        self.body = body  # read whole, within the limit: the proxy takes it as it is
         self.content_length = len(body)
-        self.content = self
         self.keep_alive = keep_alive
-        self._unread = True
-
-    async def readany(self) -> bytes:
-        """The body, once (the proxy's reader asks until it gets nothing)."""
-        if self._unread:
-            self._unread = False
-            return self.body
-        return b""
 
 
 class FrontConnection(asyncio.Protocol):

@@ -27,7 +27,7 @@ LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2
 _SIZE, _DATA, _DATA_END, _TRAILER, _END = range(5)
 MAX_HEAD = 64 << 10
 SETTLE_EVERY = 64  # pieces of a stream handed on before their framing is read (see Exchange.direct)
-_LAST_CHUNK = b"0\r\n\r\n"
+_BLANK_LINE = b"\r\n\r\n"  # how every chunked body ends (its last chunk, then any trailers)
 _monotonic = time.monotonic
 
 
@@ -147,8 +147,8 @@ class Exchange(asyncio.Protocol):
             self._direct(data)  # type: ignore[misc]
             self._last = _monotonic()
             pending.append(data)
-            if len(pending) >= SETTLE_EVERY or data.endswith(_LAST_CHUNK):
-                self._settle()
+            if len(data) < 4 or data.endswith(_BLANK_LINE) or len(pending) >= SETTLE_EVERY:
+                self._settle()  # this piece may end the answer: find out now
             return
         direct = self._direct
         if direct is not None:  # a stream handed on as it is: the path every streamed token takes
@@ -218,10 +218,12 @@ class Exchange(asyncio.Protocol):
 
         When the child closes the connection after this answer (a stream: llama-server does,
         and swapper asks it to), the pieces' chunk framing is read in batches, not piece by
-        piece: when a piece ends the way the last chunk does, every `SETTLE_EVERY` pieces, and
-        when the connection ends. Where the answer ends is found as exactly as before, and no
-        later than the child's close; a streamed token costs a `write`, a timestamp and an
-        `append`.
+        piece: after any piece that may be the answer's last (every chunked body ends with a
+        blank line, so a piece that ends with one, or is shorter than one), every
+        `SETTLE_EVERY` pieces, and when the connection ends. The end is found in the same
+        callback as before, so the client never holds a whole answer the relay has not seen
+        end; a streamed token (an SSE event ends with a bare blank line, inside its chunk) costs
+        a `write`, a timestamp and an `append`.
         """
         if self._streaming and not self.closed:
             self._direct = write

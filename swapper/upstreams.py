@@ -8,7 +8,6 @@ import collections
 from .relay import Exchange
 
 
-
 class Upstreams:
     """Connections to the children, pooled per address.
 

@@ -411,3 +411,17 @@ async def test_a_stream_with_bad_framing_past_its_first_piece_fails_by_the_time_
     with pytest.raises(BrokenAnswer, match="malformed chunk size"):
         await asyncio.wait_for(streamed(pool, upstream.port), 10)
     pool.close()
+
+
+async def test_a_stream_whose_last_chunk_is_split_ends_with_the_piece_that_completes_it(upstream):
+    """The client has the whole answer once the last bytes are relayed: so must the relay,
+    whatever the split, even while the child keeps the connection open."""
+    events = b"".join(_events(3))
+    for tail in (b"0\r\n\r\n", b"X-Trailer: t\r\n\r\n"):
+        body = events + (b"0\r\n" + tail if tail.startswith(b"X") else tail)
+        for cut in range(1, 8):
+            upstream.handler = answering(STREAM_HEAD, body[:-cut], body[-cut:], pause=0.0005)
+            pool = Upstreams(4)
+            raw, payload = await asyncio.wait_for(streamed(pool, upstream.port, timeout=3.0), 2.0)
+            assert raw == body, cut
+            pool.close()
