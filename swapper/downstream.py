@@ -37,6 +37,7 @@ _ANSWER_SKIP = {h.encode() for h in HOP_BY_HOP} | {
     b"access-control-allow-headers", b"access-control-allow-methods"}
 _USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 _USAGE_KEY = b'"usage"'
+_DONE_EVENT = b"data: [DONE]"
 _SERVER = SERVER_SOFTWARE.encode()
 
 
@@ -181,6 +182,11 @@ class UsageSniffer:
     def __init__(self, pieces: int = 32):
         self.pieces: collections.deque[bytes] = collections.deque(maxlen=pieces)
         self.feed = self.pieces.append
+
+    def ended(self) -> bool:
+        """Whether the answer's last event so far is an OpenAI stream's end (`data: [DONE]`)."""
+        tail = b"".join(list(self.pieces)[-2:]).rstrip()
+        return tail.endswith(_DONE_EVENT)
 
     def usage(self) -> dict[str, Any] | None:
         """The last `usage` object: searched backwards from the end, where engines put it."""

@@ -349,7 +349,7 @@ class Proxy:
         resp: Any = (Relayed(head.status, keep_alive) if down.conn is not None  # front.py's connection
                      else RelayedResponse(head.status, head.reason or None, keep_alive))
         try:
-            await _complete(ex)
+            await _complete(ex, sniff)
         except UpstreamError as e:
             if down.gone:  # the client left first: that is a cancelled request, not a broken child
                 raise asyncio.CancelledError() from None
@@ -371,16 +371,22 @@ class Proxy:
         return resp
 
 
-async def _complete(ex: Exchange) -> None:
+async def _complete(ex: Exchange, sniff: UsageSniffer | None) -> None:
     """Wait for the child's answer to end. The client has every byte of it by then (they were
     written as they came), and may close its connection at once, before this handler runs
     again: a cancellation that finds the answer complete is not a client that left early, and
-    the request is counted as answered."""
+    the request is counted as answered. Nor is one that comes after the stream's last event
+    (`data: [DONE]`), where OpenAI's client stops reading and closes, before the end of the
+    chunked body: the answer was whole."""
     try:
         await ex.done
     except asyncio.CancelledError:
         done = ex.done
-        if not (done.done() and not done.cancelled() and done.exception() is None):
+        whole = done.done() and not done.cancelled() and done.exception() is None
+        if not whole and sniff is not None:
+            ex.settle()  # pieces handed on whose framing (and payload) is not read yet
+            whole = sniff.ended()
+        if not whole:
             raise
         task = asyncio.current_task()
         if task is not None and hasattr(task, "uncancel"):

@@ -148,7 +148,7 @@ class Exchange(asyncio.Protocol):
             self._last = _monotonic()
             pending.append(data)
             if len(data) < 4 or data.endswith(_BLANK_LINE) or len(pending) >= SETTLE_EVERY:
-                self._settle()  # this piece may end the answer: find out now
+                self.settle()  # this piece may end the answer: find out now
             return
         direct = self._direct
         if direct is not None:  # a stream handed on as it is: the path every streamed token takes
@@ -187,7 +187,7 @@ class Exchange(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._pending:
-            self._settle()
+            self.settle()
         self._direct = None
         self._pending = None
         self._stop_watch()
@@ -230,7 +230,7 @@ class Exchange(asyncio.Protocol):
             if not self._reusable:
                 self._pending = []
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """Read the framing (and payload) of the pieces handed on since the last time."""
         pending, self._pending = self._pending or [], []
         for data in pending:

@@ -78,6 +78,8 @@ class StandIn:
             self.cut.append(i)  # the connection to it was closed mid-stream
             raise
         await resp.write(b"data: [DONE]\n\n")
+        if body.get("linger"):  # the end of the chunked body comes a moment after the last event
+            await asyncio.sleep(float(body["linger"]))
         await resp.write_eof()
         return resp
 
@@ -458,6 +460,21 @@ async def test_a_client_that_leaves_mid_stream_is_a_499_and_the_engine_connectio
     assert engine.cut and engine.cut[0] < 1999, "the engine stopped writing long before its last token"
     assert sample(rt, "swapper_requests_total", model="tiny", code="499") == 1
     assert sample(rt, "swapper_requests_total", model="tiny", code="502") == 0, "the client left: not an engine error"
+
+
+async def test_a_client_that_closes_at_the_done_event_has_its_stream_counted_as_answered(front):
+    """OpenAI's client stops reading at `data: [DONE]` and closes the connection, before the
+    chunked body's end: the answer was whole, so it counts as answered, with its usage."""
+    client, engine, rt = await front()
+    resp = await client.post("/v1/completions", json={**BODY, "stream": True, "linger": 0.5})
+    assert resp.status == 200
+    seen = b""
+    while b"data: [DONE]" not in seen:
+        seen += await resp.content.readany()
+    resp.close()
+    await eventually(lambda: sample(rt, "swapper_request_duration_seconds_count", model="tiny") == 1)
+    assert sample(rt, "swapper_requests_total", model="tiny", code="200") == 1
+    assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 3
 
 
 async def test_a_client_that_closes_as_soon_as_it_has_the_whole_answer_is_counted_as_answered(front, monkeypatch):

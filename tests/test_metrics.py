@@ -66,7 +66,8 @@ def test_requests_tokens_swaps_and_gauges_move(swapper_factory, models_dir, open
     s.wait_for(lambda: scrape(s).value("swapper_request_duration_seconds_count", model="tiny-a") == 2, 10,
                "both requests to be counted")
     m = scrape(s)
-    assert m.value("swapper_requests_total", model="tiny-a", code="200") == 2
+    assert m.value("swapper_requests_total", model="tiny-a", code="200") == 2, \
+        [line for line in m.text.splitlines() if line.startswith("swapper_requests_total")]
     assert m.value("swapper_request_duration_seconds_count", model="tiny-a") == 2
     assert m.value("swapper_time_to_first_byte_seconds_count", model="tiny-a") == 2
     assert m.value("swapper_queue_wait_seconds_count", model="tiny-a") == 2
