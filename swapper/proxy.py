@@ -248,8 +248,7 @@ class Proxy:
         payload = raw
         if body is not None:
             new = inst.backend.rewrite(request.path, body, entry, res.adapter)
-            if new is not None:  # re-serialised: from the exact parse (see parse_json)
-                new = inst.backend.rewrite(request.path, json.loads(raw), entry, res.adapter)
+            if new is not None:
                 payload = json.dumps(new).encode()
         host, port = self._address(inst.base_url)
         message = request_head(request, host, port, len(payload), body) + payload

@@ -266,7 +266,8 @@ async def test_a_body_the_engine_rewrites_keeps_every_number_as_sent(front, monk
 
 
 def test_json_bodies_read_as_the_standard_library_reads_them():
-    for raw in (b'{"a": NaN, "b": 1e400}', b'\xef\xbb\xbf{"a": 1}', b'{"a": "\\ud800"}', b'{"a": [1, 2.5, null]}'):
+    for raw in (b'{"a": NaN, "b": 1e400}', b'\xef\xbb\xbf{"a": 1}', b'{"a": "\\ud800"}', b'{"a": [1, 2.5, null]}',
+                b'{"a": 18446744073709551616, "b": -9223372036854775809, "c": 9223372036854775807}'):
         assert repr(parse_json(raw)) == repr(json.loads(raw)), raw
     for bad in (b'{"a": "\xff"}', b'{"a": 1', b""):
         with pytest.raises(ValueError):

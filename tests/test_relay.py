@@ -347,7 +347,7 @@ async def test_a_connect_that_hangs_fails_at_the_connect_timeout_and_leaves_the_
         assert 0.25 <= time.monotonic() - t0 < 2.0
         task = asyncio.current_task()
         assert task is not None and not task.cancelling(), "the timer's cancellation is taken back"
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # raises CancelledError if a cancellation were still pending
     finally:
         for s in held:
             s.close()
