@@ -40,7 +40,8 @@ child_log = logging.getLogger("swapper.child")
 # called with (child name, lines) for each batch of child output lines (the control page's live
 # logs); runs on the event loop, so a hook must be cheap and must not block
 line_hooks: list[Callable[[str, list[str]], None]] = []
-# a line of child output that is logged whatever the child's state (see _line_level)
+# a line of child output that is logged whatever the child's state: an ` E ` level (the second
+# word of llama.cpp's lines), ERROR, a Python traceback
 _ALARM = re.compile(r"^[^ \n]* E |ERROR|Traceback", re.M)
 PIPE_SIZE = 1 << 20
 
@@ -88,11 +89,11 @@ def _line_level(text: str, healthy: bool) -> int:
     per-request chatter — several lines a request, llama.cpp's ` W ` cache notes among them —
     goes to DEBUG, because re-logging it costs the proxy CPU that the engine needs.
     """
-    level = text.split(" ", 2)[1] if text.count(" ") >= 2 else ""
-    if level == "E" or "ERROR" in text or "Traceback" in text:
+    if _ALARM.search(text) is not None:  # an ` E ` level, ERROR, a traceback
         return logging.ERROR
     if healthy:
         return logging.DEBUG
+    level = text.split(" ", 2)[1] if text.count(" ") >= 2 else ""
     if level == "W" or "WARNING" in text:
         return logging.WARNING
     return logging.INFO
