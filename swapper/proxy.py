@@ -27,7 +27,7 @@ from aiohttp.http import HttpVersion11
 
 from .catalog import Resolution
 from .downstream import (Downstream, Relayed, RelayedResponse, UsageSniffer, answer_head, keeps_alive,
-                         parse_json, request_head)
+                         may_round, parse_json, request_head)
 from .errors import bad_request, error_response, from_scheduler, not_found_model
 from .middleware import answer_headers
 from .relay import CHUNKED, LENGTH, UNTIL_CLOSE, Exchange, Head, NoAnswer, UpstreamError
@@ -249,6 +249,8 @@ class Proxy:
         if body is not None:
             new = inst.backend.rewrite(request.path, body, entry, res.adapter)
             if new is not None:
+                if may_round(raw):  # every number as sent: from the standard parser's reading
+                    new = inst.backend.rewrite(request.path, json.loads(raw), entry, res.adapter)
                 payload = json.dumps(new).encode()
         host, port = self._address(inst.base_url)
         message = request_head(request, host, port, len(payload), body) + payload

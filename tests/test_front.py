@@ -25,7 +25,7 @@ from swapper import backends
 from swapper.app import build_runtime, create_app
 from swapper.config import ModelSpec, Settings
 from swapper.gpu import FakeProbe
-from swapper.downstream import parse_json
+from swapper.downstream import may_round, parse_json
 from swapper.proxy import UsageSniffer
 from swapper.relay import Exchange
 from swapper.synth import write_model
@@ -267,8 +267,11 @@ async def test_a_body_the_engine_rewrites_keeps_every_number_as_sent(front, monk
 
 def test_json_bodies_read_as_the_standard_library_reads_them():
     for raw in (b'{"a": NaN, "b": 1e400}', b'\xef\xbb\xbf{"a": 1}', b'{"a": "\\ud800"}', b'{"a": [1, 2.5, null]}',
-                b'{"a": 18446744073709551616, "b": -9223372036854775809, "c": 9223372036854775807}'):
+                b'{"a": -922337203685477580, "b": 999999999999999999}'):
         assert repr(parse_json(raw)) == repr(json.loads(raw)), raw
+        assert not may_round(raw), raw
+    for big in (b'{"a": 18446744073709551616}', b'{"a": -9223372036854775809}', b'{"a": 9223372036854775807}'):
+        assert may_round(big), "an integer that may not fit in 64 bits is said to be at risk"
     for bad in (b'{"a": "\xff"}', b'{"a": 1', b""):
         with pytest.raises(ValueError):
             parse_json(bad)
