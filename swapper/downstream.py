@@ -20,7 +20,8 @@ from typing import Any, Iterable
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from .relay import LENGTH, Exchange, Head
+from .framing import LENGTH, Head
+from .relay import Exchange
 
 try:
     import orjson

@@ -29,8 +29,9 @@ from .catalog import Resolution
 from .downstream import (Downstream, Relayed, RelayedResponse, UsageSniffer, answer_head, keeps_alive,
                          may_round, parse_json, request_head)
 from .errors import bad_request, error_response, from_scheduler, not_found_model
+from .framing import CHUNKED, LENGTH, UNTIL_CLOSE, Head, NoAnswer, UpstreamError
 from .middleware import answer_headers
-from .relay import CHUNKED, LENGTH, UNTIL_CLOSE, Exchange, Head, NoAnswer, UpstreamError
+from .relay import Exchange
 from .scheduler import Lease, SchedulerError
 
 if TYPE_CHECKING:

@@ -15,85 +15,21 @@ client's side.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
-from dataclasses import dataclass
 from typing import Callable
+
+from .framing import (CHUNKED, LENGTH, UNTIL_CLOSE, BrokenAnswer, Head, NoAnswer, SilentUpstream,
+                      UpstreamError, parse_head, whole_chunks)
 
 Sink = Callable[[bytes], None]
 
-# ends of the answer's body
-LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2
 # where a chunked body is
 _SIZE, _DATA, _DATA_END, _TRAILER, _END = range(5)
-MAX_HEAD = 64 << 10
+MAX_HEAD = 64 << 10  # an answer's status line and headers
 SETTLE_EVERY = 64  # pieces of a stream handed on before their framing is read (see Exchange.direct)
-_BLANK_LINE = b"\r\n\r\n"  # how every chunked body ends (its last chunk, then any trailers)
+_CR = 13  # a piece whose fourth byte from the end is CR may end with CR LF CR LF, as every chunked body does
 _monotonic = time.monotonic
-
-
-class UpstreamError(Exception):
-    """The child's answer could not be had."""
-
-
-class NoAnswer(UpstreamError):
-    """The connection was refused, reset or closed before the status line: nothing was answered."""
-
-
-class BrokenAnswer(UpstreamError):
-    """The connection ended inside an answer's body."""
-
-
-class SilentUpstream(UpstreamError, asyncio.TimeoutError):
-    """No byte from the child for longer than the read timeout."""
-
-
-@dataclass
-class Head:
-    status: int
-    reason: str
-    headers: list[tuple[bytes, bytes, bytes]]  # (lower-case name, name, value) as sent
-    framing: int  # LENGTH, CHUNKED or UNTIL_CLOSE
-    length: int  # the body's size when framing is LENGTH
-    close: bool  # the child closes the connection after this answer
-
-
-def parse_head(raw: bytes, method: str) -> Head:
-    """The status line and headers of an answer (without the blank line that ends them), kept
-    as bytes: they go on to the client as they came."""
-    lines = raw.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise UpstreamError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    status = int(parts[1])
-    headers: list[tuple[bytes, bytes, bytes]] = []
-    length: int | None = None
-    chunked = False
-    close = parts[0] == b"HTTP/1.0"
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise UpstreamError(f"malformed header line: {line[:80]!r}")
-        name, value = name.strip(), value.strip()
-        low = name.lower()
-        if low == b"content-length":
-            if not value.isdigit():
-                raise UpstreamError(f"bad Content-Length: {value[:40]!r}")
-            length = int(value)
-        elif low == b"transfer-encoding":
-            chunked = value.lower().endswith(b"chunked")
-        elif low == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            close = b"close" in tokens or (close and b"keep-alive" not in tokens)
-        headers.append((low, name, value))
-    if method == "HEAD" or status in (204, 304):
-        framing, length = LENGTH, 0
-    elif chunked:
-        framing, length = CHUNKED, 0
-    elif length is not None:
-        framing = LENGTH
-    else:
-        framing, length, close = UNTIL_CLOSE, 0, True
-    return Head(status, parts[2].decode("latin-1") if len(parts) > 2 else "", headers, framing, length, close)
 
 
 class Exchange(asyncio.Protocol):
@@ -134,6 +70,8 @@ class Exchange(asyncio.Protocol):
         self._keep = True
         self._timeout = 0.0
         self._last = 0.0
+        self._settled = 0  # pieces of `_pending` whose framing was read (they count as activity)
+        self._seen = 0
         self._watch: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -145,9 +83,8 @@ class Exchange(asyncio.Protocol):
         pending = self._pending
         if pending is not None:  # a stream that ends with its connection: the path of its tokens
             self._direct(data)  # type: ignore[misc]
-            self._last = _monotonic()
             pending.append(data)
-            if len(data) < 4 or data.endswith(_BLANK_LINE) or len(pending) >= SETTLE_EVERY:
+            if len(data) < 4 or data[-4] == _CR or len(pending) >= SETTLE_EVERY:
                 self.settle()  # this piece may end the answer: find out now
             return
         direct = self._direct
@@ -223,20 +160,38 @@ class Exchange(asyncio.Protocol):
         `SETTLE_EVERY` pieces, and when the connection ends. The end is found in the same
         callback as before, so the client never holds a whole answer the relay has not seen
         end; a streamed token (an SSE event ends with a bare blank line, inside its chunk) costs
-        a `write`, a timestamp and an `append`.
+        a `write` and an `append`. Nor is each piece timed: the read timeout's watchdog counts
+        the pieces instead, looking four times per timeout, so a silence is found within 1.25
+        timeouts.
         """
         if self._streaming and not self.closed:
             self._direct = write
             if not self._reusable:
                 self._pending = []
+                if self._watch is not None:
+                    self._watch.cancel()
+                    self._watch = self.loop.call_later(self._timeout / 4, self._check_silence)
 
     def settle(self) -> None:
-        """Read the framing (and payload) of the pieces handed on since the last time."""
+        """Read the framing (and payload) of the pieces handed on since the last time: as one
+        buffer, split at its line ends in C (`whole_chunks`) when it is what a streaming engine
+        sends, else walked chunk by chunk."""
         pending, self._pending = self._pending or [], []
-        for data in pending:
-            if self._pending is None:  # the answer ended (or failed) in an earlier piece
-                break
-            self._chunks(data)
+        if not pending:
+            return
+        self._settled += len(pending)
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        if self._chunk_state == _SIZE and not self._line:
+            split = whole_chunks(data)
+            if split is not None:
+                payloads, last = split
+                if self._payload is not None:
+                    collections.deque(map(self._payload, payloads), 0)  # each, in C
+                if last:
+                    self._chunk_state = _END
+                    self._finish()
+                return
+        self._chunks(data)
 
     def attach(self, raw: Sink | None, payload: Sink | None) -> None:
         """Start delivering the body: bytes that came with the head first, then as they arrive."""
@@ -422,15 +377,23 @@ class Exchange(asyncio.Protocol):
     # ------------------------------------------------------------------ read timeout
 
     def _check_silence(self) -> None:
-        """A watchdog that looks at the time of the last byte, instead of a timer re-armed per chunk."""
+        """A watchdog that looks at the time of the last byte (or, for a stream's pieces, whether
+        any came since it last looked), instead of a timer re-armed per chunk."""
         self._watch = None
         if self.done.done() or self.closed:
             return
-        quiet = _monotonic() - self._last
+        now = _monotonic()
+        step = self._timeout
+        if self._pending is not None:  # a stream's pieces are counted, not timed: look more often
+            seen = self._settled + len(self._pending)
+            if seen != self._seen:
+                self._seen, self._last = seen, now
+            step /= 4
+        quiet = now - self._last
         if quiet >= self._timeout:
             self._fail(SilentUpstream(f"no answer for {self._timeout:g} s"))
         else:
-            self._watch = self.loop.call_later(self._timeout - quiet, self._check_silence)
+            self._watch = self.loop.call_later(min(self._timeout - quiet, step), self._check_silence)
 
     def _stop_watch(self) -> None:
         if self._watch is not None:

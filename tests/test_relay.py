@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import socket
 import time
 from typing import AsyncIterator, Callable
@@ -17,7 +18,8 @@ import pytest
 
 from schedfakes import entry as entry_of
 from polls import eventually
-from swapper.relay import BrokenAnswer, NoAnswer, SilentUpstream, UpstreamError, parse_head
+from swapper.framing import CHUNKED, BrokenAnswer, NoAnswer, SilentUpstream, UpstreamError, parse_head, whole_chunks
+from swapper.relay import Exchange
 from swapper.upstreams import Upstreams
 
 REQUEST = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
@@ -425,3 +427,94 @@ async def test_a_stream_whose_last_chunk_is_split_ends_with_the_piece_that_compl
             raw, payload = await asyncio.wait_for(streamed(pool, upstream.port, timeout=3.0), 2.0)
             assert raw == body, cut
             pool.close()
+
+
+async def test_a_stream_that_keeps_talking_outlives_its_read_timeout(upstream):
+    """The read timeout bounds a silence, not the answer: pieces every 0.1 s for 1.3 s."""
+    events = _events(12)
+    upstream.handler = answering(STREAM_HEAD, *events, b"0\r\n\r\n", pause=0.1)
+    pool = Upstreams(4)
+    raw, _ = await asyncio.wait_for(streamed(pool, upstream.port, timeout=0.4), 10)
+    assert raw == b"".join(events) + b"0\r\n\r\n"
+    pool.close()
+
+
+async def test_a_stream_that_falls_silent_fails_within_a_quarter_past_its_read_timeout(upstream):
+    upstream.handler = answering(STREAM_HEAD, *_events(3), pause=0.05)  # then holds the connection, silent
+    pool = Upstreams(4)
+    t0 = time.monotonic()
+    with pytest.raises(SilentUpstream):
+        await asyncio.wait_for(streamed(pool, upstream.port, timeout=1.0), 10)
+    assert 1.0 <= time.monotonic() - t0 < 1.7, "found silent after 1 to 1.25 timeouts (and the loop's delay)"
+    pool.close()
+
+
+async def test_a_stream_whose_events_hold_crlf_is_read_chunk_by_chunk_and_whole(upstream):
+    """SSE may end its lines with CR LF: the batch split cannot tell those from framing, so the
+    walk reads them, and the payload and the end are the same."""
+    events = [b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: %d\r\n\r\n" % i for i in range(100))]
+    upstream.handler = answering(STREAM_HEAD, *events, b"0\r\n\r\n", pause=0.0005)
+    pool = Upstreams(4)
+    raw, payload = await asyncio.wait_for(streamed(pool, upstream.port), 10)
+    assert raw == b"".join(events) + b"0\r\n\r\n"
+    assert payload == b"".join(b"data: %d\r\n\r\n" % i for i in range(100))
+    pool.close()
+
+
+def _walked(data: bytes, loop: asyncio.AbstractEventLoop) -> tuple[bytes, bool, bool]:
+    """What the chunk-by-chunk walk reads from `data`: (payload, ended, failed)."""
+    ex = Exchange(loop)
+    out: list[bytes] = []
+    ex._payload, ex._framing = out.append, CHUNKED
+    ex._chunks(data)
+    failed = ex.done.done() and ex.done.exception() is not None
+    return b"".join(out), ex.done.done() and not failed, failed
+
+
+def _framings(rng: random.Random) -> list[bytes]:
+    """Chunked bodies and parts of them, of the kinds engines send and of the kinds they may."""
+    alphabet = [b"data: ", b"{}", b"0", b"\r\n", b"\n\n", b"x", b"\r", b"\n"]
+    chunks = []
+    for _ in range(rng.randint(0, 6)):
+        payload = b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        size = b"%x" % len(payload)
+        if rng.random() < 0.2:
+            size = size.upper() if rng.random() < 0.5 else size + b";ext"
+        if rng.random() < 0.1:
+            size = b"%x" % (len(payload) + rng.choice((-1, 1)))
+        chunks.append(size + b"\r\n" + payload + b"\r\n")
+    if rng.random() < 0.2:  # an end, then more: bytes after the body
+        chunks.insert(rng.randint(0, len(chunks)), b"0\r\n\r\n")
+    body = b"".join(chunks)
+    ending = rng.choice([b"", b"0\r\n\r\n", b"0\r\nX-T: 1\r\n\r\n", b"0;e\r\n\r\n"])
+    whole = body + ending
+    return [whole, whole[: rng.randint(0, len(whole))]]
+
+
+def test_the_batch_split_reads_exactly_what_the_walk_reads_whenever_it_answers():
+    rng = random.Random(17)
+    answered = 0
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(4000):
+            for data in _framings(rng):
+                split = whole_chunks(data)
+                if split is None:
+                    continue
+                answered += 1
+                payloads, last = split
+                payload, ended, failed = _walked(data, loop)
+                assert not failed and (b"".join(payloads), last) == (payload, ended), data
+    finally:
+        loop.close()
+    assert answered > 500, "the comparison is not vacuous: the split answers for whole chunks"
+
+
+def test_the_batch_split_answers_for_what_streaming_engines_send():
+    events = [b"data: {\"i\": %d}\n\n" % i for i in range(64)]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+    assert whole_chunks(body) == (events, False)
+    assert whole_chunks(body + b"0\r\n\r\n") == (events, True)
+    assert whole_chunks(b"0\r\n\r\n") == ([], True)
+    assert whole_chunks(body[:-1]) is None, "a chunk cut off"
+    assert whole_chunks(body + b"0\r\n\r\n" + body) is None, "bytes after the last chunk"
