@@ -49,7 +49,7 @@ class Activity:
         tokens = tokens if isinstance(tokens, int) else None
         rate = None
         if tokens and ttft is not None and seconds - ttft > 1e-3:
-            rate = round(tokens / (seconds - ttft), 2)
+            rate = tokens / (seconds - ttft)  # not rounded: the page formats it (round(x, 2) costs a dtoa)
         rec = RequestRecord(time.time(), model, request.path, status, request.get("queue_wait"), ttft,
                             tokens, rate, seconds)
         self.recent.append(rec)
