@@ -7,6 +7,14 @@ system) is read from each process's kernel CPU clock, to the nanosecond (servers
 mode's router, every thread of it); the engine is everything below it (swapper's keeper and
 llama-server, the router's llama-server child), or llama-server itself when it is served
 directly. Totals over every repetition are divided by the requests of every repetition.
+
+Streams are measured twice. First with a connection per stream for every target, as a client
+must with llama-server served directly (it closes the connection after a stream without saying
+so). Then from a pooled client, as OpenAI's SDK is: it keeps a connection wherever the server
+does. Swapper keeps the client's connection across streams; router mode answers a stream with
+`Connection: close`, so each of its streams costs a new connection, as it does for its users;
+llama-server served directly gets a new connection per stream in both (a pooled client's next
+request would find it closed).
 """
 
 from __future__ import annotations
@@ -56,7 +64,8 @@ def engine_seconds(server: Server) -> float:
 def measure(ctx: Ctx, servers: dict[str, Server], model: str) -> dict[tuple[str, int], dict[str, Tally]]:
     p = ctx.profile
     out: dict[tuple[str, int], dict[str, Tally]] = {}
-    for wl, stream, tokens in (("short", False, 8), ("stream", True, p.cpu_stream_tokens)):
+    for wl, stream, tokens, pooled in (("short", False, 8, False), ("stream", True, p.cpu_stream_tokens, False),
+                                       ("stream, pooled", True, p.cpu_stream_tokens, True)):
         body = completion(model, tokens, stream)
         for c in p.cpu_concurrency:
             n = max(c, p.cpu_streams) if stream else p.cpu_short
@@ -65,7 +74,7 @@ def measure(ctx: Ctx, servers: dict[str, Server], model: str) -> dict[tuple[str,
                 for t in TARGETS[rep % 3:] + TARGETS[:rep % 3]:
                     s = servers[t]
                     f0, e0 = s.cpu_seconds(), engine_seconds(s)
-                    reqs, _ = ctx.loadgen.run(s.url, body, n, c)
+                    reqs, _ = ctx.loadgen.run(s.url, body, n, c, pooled=pooled and t != "direct")
                     f1, e1 = s.cpu_seconds(), engine_seconds(s)
                     tally = per[t]
                     if t == "direct":
@@ -89,7 +98,7 @@ def table(ctx: Ctx, results: dict[tuple[str, int], dict[str, Tally]]) -> tuple[s
     worse: list[str] = []
     for (wl, c), per in results.items():
         units = [("ms/request", lambda t: t.per_request_ms("front"))]
-        if wl == "stream":
+        if wl.startswith("stream"):
             units.append(("µs/token", Tally.per_token_us))
         for unit, fn in units:
             sw, ro = fn(per["swapper"]), fn(per["router"])
@@ -105,7 +114,8 @@ def table(ctx: Ctx, results: dict[tuple[str, int], dict[str, Tally]]) -> tuple[s
     intro = (f"CPU per request at concurrency {', '.join(map(str, p.cpu_concurrency))}: {p.cpu_short} short "
              f"requests (max_tokens 8) and max(concurrency, {p.cpu_streams}) streamed ones "
              f"(max_tokens {p.cpu_stream_tokens}) per target and repetition, {p.cpu_reps} repetitions with the "
-             f"targets rotated. *front* = the server process alone (swapper's supervisor, router mode's "
+             f"targets rotated. *stream*: a new connection per stream; *stream, pooled*: a client that keeps its "
+             f"connection wherever the server does, as OpenAI's SDK does. *front* = the server process alone (swapper's supervisor, router mode's "
              f"router); *total* = front + engine (every process below it, or llama-server itself when served "
              f"directly), so total − direct is what a front costs the machine, its extra hop included."
              + (f" Failed requests: {failed}." if any(failed.values()) else ""))

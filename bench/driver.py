@@ -74,9 +74,10 @@ class LoadGen:
         return [Req(*r) for r in doc["records"]], float(doc["wall"])
 
     def run(self, url: str, body: dict[str, Any], n: int, concurrency: int,
-            path: str = "/v1/completions") -> tuple[list[Req], float]:
+            path: str = "/v1/completions", pooled: bool = False) -> tuple[list[Req], float]:
+        """`pooled`: streams keep their connections where the server does (loadgen.py)."""
         return self._call({"op": "run", "url": url, "path": path, "body": body, "n": n,
-                           "concurrency": concurrency})
+                           "concurrency": concurrency, "pooled": pooled})
 
     def groups(self, url: str, groups: list[list[dict[str, Any]]],
                path: str = "/v1/completions") -> tuple[list[Req], float]:

@@ -9,10 +9,15 @@ system parts, and the ratio. `stream8` is an 8-token stream: against the 64-toke
 separates what a stream costs once (connections, head) from what each token costs. `idle` is
 each front's CPU per second with a model loaded and no request: what its timers cost.
 
-`--baseline DIR` adds a third front, swapper from another tree (a `git worktree` of an earlier
-revision), measured in the same rounds: a before/after on the same machine state.
+`stream-pooled` and `stream8-pooled` are the same streams from a client that keeps its connection
+wherever the server does, as OpenAI's SDK does (bench/loadgen.py): swapper keeps it, router mode
+closes it after each stream.
 
-    python bench/front_split.py [--rounds 3] [--workloads short,stream,stream8,idle] [--baseline DIR]
+`--baseline DIR` adds a third front, swapper from another tree (a `git worktree` of an earlier
+revision), measured in the same rounds: a before/after on the same machine state. `--floor` adds
+bench/relay_floor.py in front of a direct llama-server: what a Python front costs at least.
+
+    python bench/front_split.py [--rounds 3] [--workloads short,stream,stream8,idle] [--baseline DIR] [--floor]
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.driver import LoadGen, completion  # noqa: E402
 from bench.models import link_dir, synth  # noqa: E402
-from bench.servers import Layout, find_llama_server, start_router, start_swapper, swapper_config  # noqa: E402
+from bench.servers import (Layout, find_llama_server, start_direct, start_floor, start_router,  # noqa: E402
+                           start_swapper, swapper_config)
 
 WORKLOADS = {"short": (False, 8, 1000), "stream": (True, 64, 64), "stream8": (True, 8, 200)}  # (stream, tokens, n)
+# the same streams from a client that keeps its connection where the server does (OpenAI's SDK)
+WORKLOADS |= {f"{k}-pooled": v for k, v in WORKLOADS.items() if v[0]}
 
 
 def main() -> None:
@@ -42,6 +50,8 @@ def main() -> None:
     ap.add_argument("--workloads", default="short,stream,stream8,idle")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--baseline", help="another swapper tree to measure beside this one")
+    ap.add_argument("--floor", action="store_true",
+                    help="also bench/relay_floor.py in front of a direct llama-server: a Python front's floor")
     a = ap.parse_args()
     layout = Layout.detect(find_llama_server())
     layout.pin_self()
@@ -53,6 +63,9 @@ def main() -> None:
         os.environ["PYTHONPATH"] = str(Path(a.baseline).resolve())  # start_swapper puts it first
         servers["baseline"] = start_swapper(layout, work / "baseline", swapper_config(layout), models_dir=models)
         del os.environ["PYTHONPATH"]
+    if a.floor:
+        servers["floor"] = start_floor(layout, start_direct(layout, models / "tiny.gguf", "tiny", work / "direct"),
+                                       work / "floor")
     load = LoadGen(layout.client_cpus)
     try:
         for s in servers.values():
@@ -72,7 +85,7 @@ def main() -> None:
                         s = servers[kind]
                         proc = psutil.Process(s.proc.pid)
                         t0, c0 = proc.cpu_times(), s.cpu_seconds()
-                        reqs, _ = load.run(s.url, body, n, c)
+                        reqs, _ = load.run(s.url, body, n, c, pooled=name.endswith("-pooled"))
                         t1, c1 = proc.cpu_times(), s.cpu_seconds()
                         bad = [q for q in reqs if q.status != 200]
                         if bad:
@@ -85,6 +98,8 @@ def main() -> None:
         load.close()
         for s in servers.values():
             s.stop()
+            if "engine" in s.extra:
+                s.extra["engine"].stop()
 
 
 def report(name: str, conc: str, servers: dict, cpu: dict[tuple[str, str], float], unit: str = "") -> None:

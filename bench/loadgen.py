@@ -4,8 +4,8 @@ It runs apart from the orchestrator and the servers (pinned to its own CPUs when
 that what it spends on parsing and bookkeeping is never charged to the thing measured. It reads
 one JSON command per line on stdin and answers one JSON line on stdout:
 
-    {"op": "run", "url": U, "path": P, "body": B, "n": N, "concurrency": C}
-        N copies of body B, at most C in flight at once
+    {"op": "run", "url": U, "path": P, "body": B, "n": N, "concurrency": C, "pooled": false}
+        N copies of body B, at most C in flight at once; `pooled` streams keep their connections
     {"op": "groups", "url": U, "path": P, "groups": [[B, ...], ...]}
         each group's bodies sent together; the next group starts when all have answered
     {"op": "quit"}
@@ -42,33 +42,44 @@ class Client:
     Non-streaming requests reuse keep-alive connections (idle ones are dropped before
     llama-server's own 5 s timeout). Streamed requests get a connection each: llama-server
     closes the connection after a stream without saying so, and a client reusing it fails its
-    next request; every target is treated alike.
+    next request; every target is treated alike. Unless `pooled`: then streams reuse
+    connections too, as OpenAI's SDK does (httpx's pool), wherever the server keeps them
+    (llama.cpp's router says `Connection: close` after a stream, which aiohttp honours), and a
+    request whose kept connection turns out closed under it is sent again on a new one, once,
+    as that SDK's retries do.
     """
 
     def __init__(self, timeout: float):
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.sessions: dict[tuple[str, bool], aiohttp.ClientSession] = {}
 
-    def session(self, url: str, stream: bool) -> aiohttp.ClientSession:
-        s = self.sessions.get((url, stream))
+    def session(self, url: str, fresh: bool) -> aiohttp.ClientSession:
+        s = self.sessions.get((url, fresh))
         if s is None or s.closed:
-            conn = (aiohttp.TCPConnector(limit=0, force_close=True) if stream
+            conn = (aiohttp.TCPConnector(limit=0, force_close=True) if fresh
                     else aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0))
-            s = self.sessions[(url, stream)] = aiohttp.ClientSession(connector=conn, timeout=self.timeout)
+            s = self.sessions[(url, fresh)] = aiohttp.ClientSession(connector=conn, timeout=self.timeout)
         return s
 
     async def close(self) -> None:
         for s in self.sessions.values():
             await s.close()
 
-    async def one(self, url: str, path: str, body: dict[str, Any]) -> Record:
+    async def one(self, url: str, path: str, body: dict[str, Any], pooled: bool = False) -> Record:
         stream = bool(body.get("stream"))
         t0 = time.perf_counter()
         t_send = boot_clock()
+        rec = await self._try(url, path, body, stream, stream and not pooled, t0, t_send)
+        if pooled and rec[0] == 0 and rec[5].startswith("ServerDisconnectedError"):
+            rec = await self._try(url, path, body, stream, True, t0, t_send)  # on a new connection
+        return rec
+
+    async def _try(self, url: str, path: str, body: dict[str, Any], stream: bool, fresh: bool,
+                   t0: float, t_send: float) -> Record:
         ttft = None
         tokens = 0
         try:
-            async with self.session(url, stream).post(url + path, json=body) as r:
+            async with self.session(url, fresh).post(url + path, json=body) as r:
                 if r.status != 200:
                     text = await r.text()
                     return [r.status, t_send, None, time.perf_counter() - t0, 0, text[:300]]
@@ -88,7 +99,8 @@ class Client:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
             return [0, t_send, None, time.perf_counter() - t0, 0, f"{e.__class__.__name__}: {e}"[:300]]
 
-    async def run(self, url: str, path: str, body: dict[str, Any], n: int, concurrency: int) -> list[Record]:
+    async def run(self, url: str, path: str, body: dict[str, Any], n: int, concurrency: int,
+                  pooled: bool = False) -> list[Record]:
         out: list[Record] = []
         left = n
 
@@ -96,7 +108,7 @@ class Client:
             nonlocal left
             while left > 0:
                 left -= 1
-                out.append(await self.one(url, path, body))
+                out.append(await self.one(url, path, body, pooled))
 
         await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, n)))))
         return out
@@ -134,7 +146,8 @@ async def serve(client: Client) -> None:
             break
         t0 = time.perf_counter()
         if op == "run":
-            recs = await client.run(cmd["url"], cmd["path"], cmd["body"], int(cmd["n"]), int(cmd["concurrency"]))
+            recs = await client.run(cmd["url"], cmd["path"], cmd["body"], int(cmd["n"]), int(cmd["concurrency"]),
+                                    bool(cmd.get("pooled")))
         elif op == "groups":
             recs = await client.groups(cmd["url"], cmd["path"], cmd["groups"])
         else:

@@ -81,7 +81,8 @@ class Front(asyncio.Protocol):
             return
         body = self.buf[end + 4:end + 4 + length]
         self.buf = self.buf[end + 4 + length:]
-        json.loads(body).get("model")  # the one parse a router needs
+        if body:
+            json.loads(body).get("model")  # the one parse a router needs
         self.busy = True
         req = (lines[0] + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n" % len(body) + body)

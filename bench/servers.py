@@ -224,6 +224,15 @@ def start_router(layout: Layout, models_dir: Path, workdir: Path, models_max: in
     return _spawn(layout, "router", argv, workdir, "/health", port=port)
 
 
+def start_floor(layout: Layout, engine: Server, workdir: Path) -> Server:
+    """bench/relay_floor.py in front of `engine` (a direct llama-server), which it stops with."""
+    port = free_port()
+    argv = [sys.executable, str(REPO / "bench" / "relay_floor.py"), "--port", str(port),
+            "--upstream-port", str(engine.port)]
+    engine.wait_healthy()
+    return _spawn(layout, "floor", argv, workdir, "/health", port=port, engine=engine)
+
+
 def swapper_config(layout: Layout, models: dict[str, Path] | None = None,
                    footprints: dict[str, int] | None = None, parallel: int = 1) -> dict[str, Any]:
     """Config for `swapper serve`: children get the same threads as direct and router mode.

@@ -29,5 +29,7 @@ def test_bench_quick_smoke_prints_a_table(tmp_path: Path, llama_server_bin: str)
     assert "| workload | conc. | metric | direct | swapper | router | swapper/direct | swapper/router |" in r.stdout
     assert ("| workload | conc. | unit | front: swapper | front: router | swapper/router | total ms/request: direct "
             "| total: swapper | total: router |") in r.stdout, "the CPU-per-request table"
+    assert "| stream, pooled | 1 | ms/request |" in r.stdout, "streams from a client that keeps its connection"
     assert "**Failed:**" not in r.stdout
+    assert "Failed requests:" not in r.stdout, "every request of the CPU table answered"
     assert out.read_text() == r.stdout
