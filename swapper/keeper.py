@@ -14,14 +14,15 @@ child runs under a keeper that:
 
     python -m swapper.keeper --grace SECONDS --parent PID -- COMMAND ARGS...
 
-Kept to the standard library and a few milliseconds of start-up.
+Kept to the standard library and a few milliseconds of start-up (it is on every swap's path:
+`_signal`, not `signal`, whose enums cost a third of it; no interpreter teardown at exit).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import signal
+import _signal as signal  # the C module: `signal` imports enum, a third of the start-up
 import sys
 import time
 
@@ -77,15 +78,20 @@ def _signal_all(pids: list[int], sig: int) -> None:
 _main: dict[str, int] = {}  # pid and wait status of the main child, once reaped
 
 
-def _reap() -> None:
-    """Reap every exited descendant, remembering the main child's status."""
+def _reap() -> bool:
+    """Reap every exited descendant, remembering the main child's status; whether any are left.
+
+    The keeper is a subreaper, so every descendant still running is below one of its children
+    (a process whose parent dies is re-parented to it): with no child left to wait for, none
+    is left at all, and no /proc scan is needed to know it.
+    """
     while True:
         try:
             pid, st = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return False
         if pid == 0:
-            return
+            return True
         if pid == _main.get("pid"):
             _main["status"] = st
 
@@ -97,11 +103,10 @@ def _terminate_tree(child_pgid: int, grace: float) -> None:
         os.killpg(child_pgid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         pass
-    _signal_all(descendants(me), signal.SIGTERM)
+    _signal_all(descendants(me), signal.SIGTERM)  # those that left the group
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        _reap()
-        if not descendants(me):
+        if not _reap():
             return
         # woken by the next child exit (SIGCHLD is blocked, so it waits here) or after 50 ms
         signal.sigtimedwait({signal.SIGCHLD}, 0.05)
@@ -111,10 +116,8 @@ def _terminate_tree(child_pgid: int, grace: float) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     end = time.monotonic() + 5
-    while descendants(me) and time.monotonic() < end:
-        _reap()
+    while _reap() and time.monotonic() < end:
         signal.sigtimedwait({signal.SIGCHLD}, 0.02)
-    _reap()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             return _exit_code(_main["status"]) if "status" in _main else 128 + info.si_signo
         _reap()
     # the child is gone on its own: take down anything it left behind
-    if descendants(os.getpid()):
+    if _reap():
         _terminate_tree(pid, min(grace, 5.0))
     return _exit_code(_main["status"])
 
@@ -183,4 +186,6 @@ def _exit_code(status: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stderr.flush()
+    os._exit(code)  # nothing to tear down: the interpreter's own finalisation costs a swap ~2 ms

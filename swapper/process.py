@@ -109,6 +109,10 @@ class ChildExited(Exception):
 class ChildProcess:
     """One engine process tree, owned by swapper."""
 
+    # how often to poll health while it starts: (for the first seconds, every ...); an engine's
+    # output (it says when it is ready) or its exit polls at once
+    POLL: tuple[tuple[float, float], ...] = ((2.0, 0.01), (10.0, 0.1), (float("inf"), 0.25))
+
     def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None,
                  cwd: str | None = None, grace: float = 10.0, tail_lines: int = 200,
                  on_exit: Callable[[int | None], None] | None = None):
@@ -127,6 +131,7 @@ class ChildProcess:
         self.exited = asyncio.Event()
         self.started_at = 0.0
         self.healthy = False
+        self._nudge: asyncio.Future[None] | None = None  # wait_healthy's wait: output or exit ends it
 
     @property
     def pid(self) -> int | None:
@@ -209,6 +214,7 @@ class ChildProcess:
         lines = [line for line in map(str.rstrip, text.split("\n")) if line]
         if not lines:
             return
+        self._wake_poll()
         self.tail.extend(lines)
         name = self.name
         for hook in line_hooks:
@@ -231,6 +237,7 @@ class ChildProcess:
                 await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
         self.returncode = code
         self.exited.set()
+        self._wake_poll()
         if not self.stopping:
             log.warning("%s exited with status %s", self.name, code)
             if self.on_exit is not None:
@@ -255,11 +262,18 @@ class ChildProcess:
             if now >= deadline:
                 raise asyncio.TimeoutError(f"{self.name} not healthy after {timeout:g}s")
             # small models are up in tens of milliseconds: poll tightly at first, then back off
-            delay = 0.01 if now - t0 < 2.0 else 0.1 if now - t0 < 10.0 else 0.25
+            delay = next(d for until, d in self.POLL if now - t0 < until)
+            self._nudge = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self.exited.wait(), delay)
+                await asyncio.wait_for(self._nudge, delay)
             except asyncio.TimeoutError:
                 pass
+            finally:
+                self._nudge = None
+
+    def _wake_poll(self) -> None:
+        if self._nudge is not None and not self._nudge.done():
+            self._nudge.set_result(None)
 
     async def stop(self, grace: float | None = None) -> int | None:
         """SIGTERM the tree (via the keeper), SIGKILL the group if it lingers."""

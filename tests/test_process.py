@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
+import textwrap
 
 import aiohttp
 
@@ -100,3 +102,33 @@ def test_a_serving_childs_batch_is_kept_and_only_its_errors_are_logged(caplog):
     assert [r.getMessage() for r in caplog.records] == ["[m] " + LINES[2]]
     assert list(child.tail) == [LINES[0], LINES[1], LINES[1], LINES[2]], "every non-empty line kept, line ends stripped"
     assert seen == [("m", LINES[:2]), ("m", [LINES[1], LINES[2]])], "hooks get each batch"
+
+
+async def test_health_is_polled_as_soon_as_a_starting_child_prints(tmp_path):
+    """An engine says when it is ready: a line of output polls its health at once, not at the
+    next tick of the poll's back-off (here a minute)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "engine.py"
+    script.write_text(textwrap.dedent(f"""
+        import http.server, time
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+            def log_message(self, *a):
+                pass
+        time.sleep(0.3)  # loading: nothing listens yet
+        server = http.server.HTTPServer(("127.0.0.1", {port}), H)
+        print("listening", flush=True)
+        server.serve_forever()
+    """))
+    child = ChildProcess("engine", [sys.executable, str(script)], grace=1.0)
+    child.POLL = ((float("inf"), 60.0),)
+    await child.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await asyncio.wait_for(child.wait_healthy(f"http://127.0.0.1:{port}/health", 30, session), 20)
+        assert child.healthy
+    finally:
+        await child.stop()
