@@ -20,7 +20,6 @@ Kept to the standard library and a few milliseconds of start-up (it is on every 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import _signal as signal  # the C module: `signal` imports enum, a third of the start-up
 import sys
@@ -31,10 +30,21 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def _prctl(option: int, arg: int) -> None:
+    """libc's prctl, through `_ctypes`, the C half of ctypes: importing ctypes itself (its Python
+    half) took 3.5 ms, a quarter of the keeper's start-up, which every swap waits for. ctypes
+    where the C half's calls are missing."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(option, arg, 0, 0, 0)
-    except (OSError, AttributeError):
+        import _ctypes
+
+        _ctypes.call_function(_ctypes.dlsym(_ctypes.dlopen(None), "prctl"), (option, arg, 0, 0, 0))
+        return
+    except (ImportError, OSError, AttributeError):
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except (ImportError, OSError, AttributeError):
         pass
 
 

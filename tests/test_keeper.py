@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from conftest import wait_gone
 from swapper.keeper import descendants
@@ -78,3 +79,29 @@ def test_sigkill_of_the_supervisor_stops_the_whole_tree(tmp_path):
     os.kill(sup.pid, signal.SIGKILL)
     sup.wait(10)
     assert wait_gone(kids) == []
+
+
+def test_the_keeper_arms_its_prctls_without_ctypes(tmp_path):
+    """The keeper calls prctl through ctypes' C half (its Python half costs a quarter of the
+    keeper's start-up): with `ctypes` unimportable, an orphaned grandchild still comes back to
+    it (PR_SET_CHILD_SUBREAPER)."""
+    script = tmp_path / "sub.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        sys.modules["ctypes"] = None  # `import ctypes` fails from here on
+        from swapper import keeper
+        keeper._prctl(keeper.PR_SET_CHILD_SUBREAPER, 1)
+        r, w = os.pipe()
+        if os.fork() == 0:
+            if os.fork() == 0:  # the grandchild: orphaned at once, it reports its new parent
+                time.sleep(0.3)
+                os.write(w, str(os.getppid()).encode())
+                os._exit(0)
+            os._exit(0)
+        os.wait()
+        os.close(w)
+        print(os.read(r, 32).decode() == str(os.getpid()), flush=True)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "True", out.stderr
