@@ -23,9 +23,9 @@ class Profile:
     stream_requests: tuple[tuple[int, int], ...] = ((1, 6), (8, 16), (32, 64))
     overhead_mib: int = 16
     cpu_concurrency: tuple[int, ...] = (1, 8, 32)  # the CPU-per-request table
-    cpu_reps: int = 3
-    cpu_short: int = 200  # requests per target and repetition
-    cpu_streams: int = 64  # streams per target and repetition (at least the concurrency)
+    cpu_reps: int = 9  # rounds, each target once per round
+    cpu_short: int = 70  # requests per target and round
+    cpu_streams: int = 22  # streams per target and round (at least the concurrency)
     cpu_stream_tokens: int = 64
     swap_models: int = 3
     swap_mib: int = 64

@@ -27,8 +27,8 @@ def test_bench_quick_smoke_prints_a_table(tmp_path: Path, llama_server_bin: str)
                   "## 4. Budget fidelity", "## 5. Page cache"):
         assert title in r.stdout, f"{title!r} missing:\n{r.stdout[-3000:]}"
     assert "| workload | conc. | metric | direct | swapper | router | swapper/direct | swapper/router |" in r.stdout
-    assert ("| workload | conc. | unit | front: swapper | front: router | swapper/router | total ms/request: direct "
-            "| total: swapper | total: router |") in r.stdout, "the CPU-per-request table"
+    assert ("| workload | conc. | unit | front: swapper | front: router | swapper/router (rounds) "
+            "| total ms/request: direct | total: swapper | total: router |") in r.stdout, "the CPU-per-request table"
     assert "| stream, pooled | 1 | ms/request |" in r.stdout, "streams from a client that keeps its connection"
     assert "**Failed:**" not in r.stdout
     assert "Failed requests:" not in r.stdout, "every request of the CPU table answered"
