@@ -248,28 +248,31 @@ class ChildProcess:
         """Poll `url` until it answers OK; raise ChildExited or TimeoutError."""
         t0 = time.monotonic()
         deadline = t0 + timeout
-        while True:
-            if self.exited.is_set():
-                raise ChildExited(self.returncode, list(self.tail))
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as r:
-                    if ok(r.status):
-                        self.healthy = True
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                pass
-            now = time.monotonic()
-            if now >= deadline:
-                raise asyncio.TimeoutError(f"{self.name} not healthy after {timeout:g}s")
-            # small models are up in tens of milliseconds: poll tightly at first, then back off
-            delay = next(d for until, d in self.POLL if now - t0 < until)
-            self._nudge = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(self._nudge, delay)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                self._nudge = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if self.exited.is_set():
+                    raise ChildExited(self.returncode, list(self.tail))
+                # armed before the poll: output while it is under way polls again at once
+                nudge = self._nudge = loop.create_future()
+                try:
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as r:
+                        if ok(r.status):
+                            self.healthy = True
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    pass
+                now = time.monotonic()
+                if now >= deadline:
+                    raise asyncio.TimeoutError(f"{self.name} not healthy after {timeout:g}s")
+                # small models are up in tens of milliseconds: poll tightly at first, then back off
+                delay = next(d for until, d in self.POLL if now - t0 < until)
+                try:
+                    await asyncio.wait_for(nudge, delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._nudge = None
 
     def _wake_poll(self) -> None:
         if self._nudge is not None and not self._nudge.done():

@@ -106,19 +106,26 @@ def test_a_serving_childs_batch_is_kept_and_only_its_errors_are_logged(caplog):
 
 async def test_health_is_polled_as_soon_as_a_starting_child_prints(tmp_path):
     """An engine says when it is ready: a line of output polls its health at once, not at the
-    next tick of the poll's back-off (here a minute)."""
+    next tick of the poll's back-off (here a minute), even a line printed while a poll is under
+    way."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     script = tmp_path / "engine.py"
     script.write_text(textwrap.dedent(f"""
-        import http.server, time
+        import http.server
         class H(http.server.BaseHTTPRequestHandler):
+            ready = False
             def do_GET(self):
-                self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+                self.send_response(200 if H.ready else 503)  # loading until it has been asked once
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                self.wfile.flush()
+                if not H.ready:
+                    H.ready = True
+                    print("ready", flush=True)
             def log_message(self, *a):
                 pass
-        time.sleep(0.3)  # loading: nothing listens yet
         server = http.server.HTTPServer(("127.0.0.1", {port}), H)
         print("listening", flush=True)
         server.serve_forever()
