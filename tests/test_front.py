@@ -43,6 +43,7 @@ class StandIn:
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     cut: list[int] = field(default_factory=list)
+    end_released: asyncio.Event = field(default_factory=asyncio.Event)  # for `hold_end` streams
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -78,8 +79,8 @@ class StandIn:
             self.cut.append(i)  # the connection to it was closed mid-stream
             raise
         await resp.write(b"data: [DONE]\n\n")
-        if body.get("linger"):  # the end of the chunked body comes a moment after the last event
-            await asyncio.sleep(float(body["linger"]))
+        if body.get("hold_end"):  # the end of the chunked body waits for the test's word
+            await asyncio.wait_for(self.end_released.wait(), 30)
         await resp.write_eof()
         return resp
 
@@ -470,13 +471,14 @@ async def test_a_client_that_closes_at_the_done_event_has_its_stream_counted_as_
     """OpenAI's client stops reading at `data: [DONE]` and closes the connection, before the
     chunked body's end: the answer was whole, so it counts as answered, with its usage."""
     client, engine, rt = await front()
-    resp = await client.post("/v1/completions", json={**BODY, "stream": True, "linger": 0.5})
+    resp = await client.post("/v1/completions", json={**BODY, "stream": True, "hold_end": True})
     assert resp.status == 200
     seen = b""
     while b"data: [DONE]" not in seen:
         seen += await resp.content.readany()
-    resp.close()
+    resp.close()  # the engine holds the body's end until the request is counted
     await eventually(lambda: sample(rt, "swapper_request_duration_seconds_count", model="tiny") == 1)
+    engine.end_released.set()
     assert sample(rt, "swapper_requests_total", model="tiny", code="200") == 1
     assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 3
 

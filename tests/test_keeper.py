@@ -93,8 +93,11 @@ def test_the_keeper_arms_its_prctls_without_ctypes(tmp_path):
         keeper._prctl(keeper.PR_SET_CHILD_SUBREAPER, 1)
         r, w = os.pipe()
         if os.fork() == 0:
+            parent = os.getpid()
             if os.fork() == 0:  # the grandchild: orphaned at once, it reports its new parent
-                time.sleep(0.3)
+                end = time.monotonic() + 10
+                while os.getppid() == parent and time.monotonic() < end:
+                    time.sleep(0.005)
                 os.write(w, str(os.getppid()).encode())
                 os._exit(0)
             os._exit(0)
