@@ -98,8 +98,6 @@ def main() -> None:
         load.close()
         for s in servers.values():
             s.stop()
-            if "engine" in s.extra:
-                s.extra["engine"].stop()
 
 
 def report(name: str, conc: str, servers: dict, cpu: dict[tuple[str, str], float], unit: str = "") -> None:

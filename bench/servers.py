@@ -159,7 +159,8 @@ class Server:
             return ""
 
     def stop(self, timeout: float = 30.0) -> float:
-        """SIGTERM and wait; whatever it left behind is killed by pid. Returns seconds taken."""
+        """SIGTERM and wait; whatever it left behind is killed by pid, and an engine it fronts
+        (`start_floor`) is stopped too. Returns seconds taken."""
         kids = self.descendants()
         t0 = time.perf_counter()
         if self.proc.poll() is None:
@@ -176,6 +177,8 @@ class Server:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        if "engine" in self.extra:
+            self.extra["engine"].stop(timeout)
         return took
 
 
