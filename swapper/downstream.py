@@ -247,7 +247,7 @@ class Downstream:
                 data, self.head = self.head + data, None
             if self.direct and self.conn is not None:
                 self.conn.relay = self
-                self.ex.direct(t.write)
+                self.ex.direct(t.write, t)
         t.write(data)
         if t.get_write_buffer_size() > self.HIGH_WATER and not self.paused:
             self.paused = True

@@ -275,6 +275,8 @@ class FrontConnection(asyncio.Protocol):
             handler.data_received(data)
 
     def _close(self) -> None:
+        if self.relay is not None:  # a stream's pump writes to this socket: stop it first
+            self.relay.ex.halt()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

@@ -386,6 +386,7 @@ async def _complete(ex: Exchange, sniff: UsageSniffer | None) -> None:
         done = ex.done
         whole = done.done() and not done.cancelled() and done.exception() is None
         if not whole and sniff is not None:
+            ex.halt()  # a pump under way: its last bytes first
             ex.settle()  # pieces handed on whose framing (and payload) is not read yet
             whole = sniff.ended()
         if not whole:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from .framing import (CHUNKED, LENGTH, UNTIL_CLOSE, BrokenAnswer, Head, NoAnswer, SilentUpstream,
                       UpstreamError, parse_head, whole_chunks)
+from .pumping import Pumped, Pumping
 
 Sink = Callable[[bytes], None]
 
@@ -32,7 +33,7 @@ _CR = 13  # a piece whose fourth byte from the end is CR may end with CR LF CR L
 _monotonic = time.monotonic
 
 
-class Exchange(asyncio.Protocol):
+class Exchange(Pumping, asyncio.Protocol):
     """One connection to a child, carrying one request and its answer at a time.
 
     `head` resolves with the answer's status and headers; `attach` then gives the sinks for
@@ -73,6 +74,8 @@ class Exchange(asyncio.Protocol):
         self._settled = 0  # pieces of `_pending` whose framing was read (they count as activity)
         self._seen = 0
         self._watch: asyncio.TimerHandle | None = None
+        self._pump_to: asyncio.Transport | None = None  # a client the stream may be pumped to
+        self._pumped: Pumped | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -149,9 +152,11 @@ class Exchange(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(request)
 
-    def direct(self, write: Sink) -> None:
+    def direct(self, write: Sink, client: asyncio.Transport | None = None) -> None:
         """From now on hand each piece straight to `write` (the client's transport), which the
         caller has made safe to call: back-pressure and a client that leaves are its business.
+        Given the client's transport, the stream goes to a pump (pumping.py) once the piece
+        under way is read, where it can.
 
         When the child closes the connection after this answer (a stream: llama-server does,
         and swapper asks it to), the pieces' chunk framing is read in batches, not piece by
@@ -168,6 +173,9 @@ class Exchange(asyncio.Protocol):
             self._direct = write
             if not self._reusable:
                 self._pending = []
+                if client is not None:
+                    self._pump_to = client
+                    self.loop.call_soon(self._start_pump)
                 if self._watch is not None:
                     self._watch.cancel()
                     self._watch = self.loop.call_later(self._timeout / 4, self._check_silence)
@@ -206,14 +214,15 @@ class Exchange(asyncio.Protocol):
             self._end_of_stream(None if isinstance(self._lost, EOFError) else self._lost)  # type: ignore[arg-type]
 
     def pause(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self._pumped is None:
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self._pumped is None:  # a pump reads it
             self.transport.resume_reading()
 
     def close(self) -> None:
+        self.halt()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True

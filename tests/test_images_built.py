@@ -135,10 +135,12 @@ def test_cpu_image_holds_a_working_llama_server_and_runs_unprivileged(docker, cp
     out = docker("run", "--rm", "--network", "none", "--entrypoint", "sh", cpu_image.tag, "-c",
                  "id -u; llama-server --version 2>&1; swapper --help >/dev/null && echo swapper-ok;"
                  " test -w /home/swapper/.cache/swapper && echo state-writable;"
-                 " command -v cmake c++ || echo no-compilers").stdout.split("\n")
+                 " python -c 'from swapper import pumping; print(\"pump\", pumping.AVAILABLE)';"
+                 " command -v cmake c++ gcc cc || echo no-compilers").stdout.split("\n")
     assert out[0] == UID
     assert any(ln.startswith("version:") for ln in out), out
-    assert {"swapper-ok", "state-writable", "no-compilers"} <= set(out), "build tools stay in the build stage"
+    assert {"swapper-ok", "state-writable", "no-compilers"} <= set(out), "build tools stay in the build stages"
+    assert "pump True" in out, "streams are relayed by swapper/_pump.c, compiled in the venv stage"
 
 
 @dataclass

@@ -123,7 +123,7 @@ async def test_a_stream_goes_from_the_childs_connection_straight_to_the_clients(
 
     directs: list[Any] = []
     direct = Exchange.direct
-    monkeypatch.setattr(Exchange, "direct", lambda self, w: (directs.append(w), direct(self, w)))
+    monkeypatch.setattr(Exchange, "direct", lambda self, w, client=None: (directs.append(w), direct(self, w, client)))
     c = await Conn.open(port)
     await c.send(post(chat(stream=True, max_tokens=40)))
     status, headers, body = await c.answer()
