@@ -14,14 +14,15 @@ PYTEST_ARGS ?=
 
 all: test
 
-# Debian packages, installed only when missing: what building llama-server needs (build-deps),
+# Debian packages, installed only when missing: what building llama-server and swapper/_pump.c
+# need (build-deps, installed before the virtualenv is made),
 # plus the system tools the tests drive (systemd-analyze, Chromium + ChromeDriver, fincore).
 APT_INSTALL = missing="$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)"; \
 	if [ -n "$$missing" ]; then SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 	echo "installing:" $$missing; \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; fi
-BUILD_PACKAGES = python3-venv cmake g++ make git ca-certificates
+BUILD_PACKAGES = python3-venv python3-dev cmake g++ make git ca-certificates
 TEST_PACKAGES = systemd chromium chromium-driver util-linux
 IMAGE_PACKAGES = docker.io debootstrap
 

@@ -53,7 +53,6 @@ typedef struct Pump {
     /* the payload's last bytes, for the usage record (kept between TAIL_KEEP and twice that) */
     char *tail;
     size_t tail_len;
-    unsigned long tail_moves;  /* times the kept bytes moved: a piece handed back keeps none then */
     /* what stopped the pump */
     int result, error;
     char *rest;
@@ -68,7 +67,6 @@ typedef struct Pump {
 enum { P_NEW, P_QUEUED, P_RUNNING, P_OVER };
 
 static void tail_add(Pump *p, const char *d, size_t n) {
-    if (n >= TAIL_KEEP || p->tail_len + n > 2 * TAIL_KEEP) p->tail_moves++;
     if (n >= TAIL_KEEP) {
         memcpy(p->tail, d + n - TAIL_KEEP, TAIL_KEEP);
         p->tail_len = TAIL_KEEP;
@@ -102,16 +100,17 @@ static int size_line(const char *s, size_t n, long long *size) {
     return 1;
 }
 
-/* Follows the framing over one piece. 1: read; 0: the piece holds the answer's end, or something
- * not read strictly here (a loose size line, a long line): it is handed back. The answer's end
- * goes through relay.py, so that the request is over there before the client has all of it. */
-static int frame(Pump *p, const char *d, size_t n) {
+/* Follows the framing over one piece (its payload kept in the tail when `keep`). 1: read; 0: the
+ * piece holds the answer's end, or something not read strictly here (a loose size line, a long
+ * line): it is handed back. The answer's end goes through relay.py, so that the request is over
+ * there before the client has all of it. */
+static int frame(Pump *p, const char *d, size_t n, int keep) {
     size_t pos = 0;
     while (pos < n) {
         switch (p->state) {
         case S_DATA: {
             size_t take = (size_t)p->left < n - pos ? (size_t)p->left : n - pos;
-            tail_add(p, d + pos, take);
+            if (keep) tail_add(p, d + pos, take);
             pos += take;
             p->left -= take;
             if (!p->left) { p->state = S_DATA_END; p->left = 2; }
@@ -189,16 +188,16 @@ static void run(Pump *p, char *buf, int wake) {
         /* the framing as it was, for a piece handed back unread */
         int state = p->state;
         long long left = p->left;
-        size_t line_len = p->line_len, tail_len = p->tail_len;
-        unsigned long tail_moves = p->tail_moves;
+        size_t line_len = p->line_len;
         if (line_len) memcpy(saved_line, p->line, line_len);
-        if (!frame(p, buf, (size_t)n)) {
-            p->state = state; p->left = left; p->line_len = line_len;
-            if (line_len) memcpy(p->line, saved_line, line_len);
-            p->tail_len = p->tail_moves == tail_moves ? tail_len : 0;
+        int ok = frame(p, buf, (size_t)n, 0);  /* first without touching the tail */
+        p->state = state; p->left = left; p->line_len = line_len;
+        if (line_len) memcpy(p->line, saved_line, line_len);
+        if (!ok) {
             stop_with(p, R_HANDBACK, buf, (size_t)n);
             break;
         }
+        frame(p, buf, (size_t)n, 1);  /* the same again (a piece is a few hundred bytes), its payload kept */
         p->pieces++;
         size_t sent = 0;
         while (sent < (size_t)n) {
