@@ -1,12 +1,13 @@
 /* A stream's pieces from a child's connection to the client's, in a thread of their own.
  *
- * Why C: a streamed token relayed by the event loop costs an epoll wake-up, a callback and a
- * few Python calls in the supervisor, about half of the front's CPU per token (bench/PROFILE.md).
+ * Why C: relayed by the event loop, a streamed token costs the supervisor an epoll wake-up, a
+ * callback and a few Python calls, 32 µs of CPU in all; relayed here, 22-24 (bench/PROFILE.md).
  * Here a thread without the GIL polls the two sockets, passes each piece on as it comes and
  * follows the chunk framing to find the answer's end, keeping the payload's last bytes for the
- * usage record. Anything it is not sure of it hands back to relay.py, which carries on where it
- * stopped: a framing it does not read strictly, a client that cannot take a piece at once, a
- * client that closes, a child that closes or goes silent, or a stop asked for.
+ * usage record. The piece that ends the answer, and anything it is not sure of, it hands back
+ * to relay.py, which carries on where it stopped: a framing it does not read strictly, a client
+ * that cannot take a piece at once, a client that closes, a child that closes or goes silent, or
+ * a stop asked for. Its threads are kept for the next stream (see `worker_main`).
  *
  * The event loop keeps both sockets but neither reads nor writes them while the pump runs
  * (relay.py pauses both transports and starts the pump only when the client's write buffer is

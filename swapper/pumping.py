@@ -88,8 +88,9 @@ class Pumped:
 
 
 def can_pump(upstream: asyncio.Transport | None, client: Any) -> bool:
-    """Whether a stream between these two transports may go to a pump now: both are plain
-    sockets, and the client has taken every byte written to it so far (the pump writes after)."""
+    """Whether a stream between these two transports may go to a pump now: both are open, and
+    the client has taken every byte written to it so far (the pump writes after). Both are plain
+    TCP sockets: swapper's port speaks no TLS of its own."""
     return (AVAILABLE and upstream is not None and client is not None and not client.is_closing()
             and not upstream.is_closing() and client.get_write_buffer_size() == 0)
 

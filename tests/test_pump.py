@@ -98,6 +98,15 @@ def sse(i: int, usage: bool = False) -> bytes:
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
 
 
+async def first_tokens(w: asyncio.StreamWriter, n: int, usage_at: int = -1) -> None:
+    """The head and `n` events, each in its own piece, as an engine generates them."""
+    w.write(HEAD + chunk(sse(0, usage=usage_at == 0)))
+    for i in range(1, n):
+        await asyncio.sleep(0.005)  # the engine's pace: a token every 5 ms
+        w.write(chunk(sse(i, usage=usage_at == i)))
+    await asyncio.sleep(0.005)
+
+
 async def scripted(script: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> tuple[asyncio.Server, str]:
     """An engine that reads a request, then writes what `script` writes (raw bytes, any framing)."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -175,11 +184,7 @@ async def test_a_client_that_cannot_keep_up_gets_the_rest_from_the_event_loop(fr
 @own
 async def test_framing_the_pump_does_not_read_strictly_goes_back_to_the_event_loop(front, pumps):
     async def script(w: asyncio.StreamWriter) -> None:
-        w.write(HEAD + chunk(sse(0)))
-        for i in range(1, 5):
-            await asyncio.sleep(0.005)
-            w.write(chunk(sse(i)))
-        await asyncio.sleep(0.005)
+        await first_tokens(w, 5)
         ev = sse(5, usage=True)
         w.write(b"%x \r\n%s\r\n" % (len(ev), ev))  # a size line with a space after the size
         await asyncio.sleep(0.005)
@@ -189,7 +194,7 @@ async def test_framing_the_pump_does_not_read_strictly_goes_back_to_the_event_lo
     client, _, rt = await front(engine_url=url)
     status, got, ended = await stream_of(client)
     assert status == 200 and ended and len(events(got)) == 6
-    assert pumps[0].result == pumping.HANDBACK and pumps[0].rest.startswith(b"%x \r\n" % len(sse(5, True)))
+    assert pumps[0].result == pumping.HANDBACK and b"%x \r\n" % len(sse(5, True)) in pumps[0].rest
     assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 6
     server.close()
 
@@ -199,11 +204,7 @@ async def test_the_usage_is_counted_when_a_large_last_piece_follows_it(front, pu
     """The pump keeps the payload's last bytes for the usage record; a last piece larger than
     what it keeps is handed back without having pushed the usage out of them."""
     async def script(w: asyncio.StreamWriter) -> None:
-        w.write(HEAD + chunk(sse(0)))
-        for i in range(1, 6):
-            await asyncio.sleep(0.005)
-            w.write(chunk(sse(i, usage=i == 5)))
-        await asyncio.sleep(0.005)
+        await first_tokens(w, 6, usage_at=5)
         fat = json.dumps({"choices": [{"text": "x" * (40 << 10), "index": 0}]}).encode()
         w.write(chunk(b"data: " + fat + b"\n\n") + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
@@ -221,9 +222,7 @@ async def test_a_child_silent_mid_stream_fails_after_the_read_timeout(front, pum
     gone = asyncio.Event()
 
     async def script(w: asyncio.StreamWriter) -> None:
-        w.write(HEAD + chunk(sse(0)))
-        await asyncio.sleep(0.005)
-        w.write(chunk(sse(1)))
+        await first_tokens(w, 2)
         await asyncio.wait_for(gone.wait(), 30)  # then nothing, until the test ends
 
     server, url = await scripted(script)
@@ -242,11 +241,7 @@ async def test_a_child_silent_mid_stream_fails_after_the_read_timeout(front, pum
 @own
 async def test_a_child_closing_mid_stream_is_a_broken_answer(front, pumps):
     async def script(w: asyncio.StreamWriter) -> None:
-        w.write(HEAD + chunk(sse(0)))
-        for i in range(1, 4):
-            await asyncio.sleep(0.005)
-            w.write(chunk(sse(i)))
-        await asyncio.sleep(0.005)  # and the connection closes without the body's end
+        await first_tokens(w, 4)  # and the connection closes without the body's end
 
     server, url = await scripted(script)
     client, _, rt = await front(engine_url=url)
