@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from swapper import pumping
+from swapper.framing import whole_chunks
 from swapper.relay import Exchange
 
 from polls import eventually
@@ -98,38 +99,71 @@ def sse(i: int, usage: bool = False) -> bytes:
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
 
 
-async def first_tokens(w: asyncio.StreamWriter, n: int, usage_at: int = -1) -> None:
-    """The head and `n` events, each in its own piece, as an engine generates them."""
-    w.write(HEAD + chunk(sse(0, usage=usage_at == 0)))
-    for i in range(1, n):
-        await asyncio.sleep(0.005)  # the engine's pace: a token every 5 ms
-        w.write(chunk(sse(i, usage=usage_at == i)))
-    await asyncio.sleep(0.005)
+class Client:
+    """A stream asked on swapper's port by hand, its bytes kept as they come: swapper passes the
+    engine's chunks on as they are, so the engine can wait until a piece has reached the client."""
 
+    def __init__(self) -> None:
+        self.data = b""
 
-async def scripted(script: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> tuple[asyncio.Server, str]:
-    """An engine that reads a request, then writes what `script` writes (raw bytes, any framing)."""
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+    def body(self) -> bytes:
+        head, sep, body = self.data.partition(b"\r\n\r\n")
+        return body if sep else b""
+
+    async def stream(self, port: int) -> tuple[int, list[bytes], bool]:
+        """The answer's status, its payloads as far as they came, and whether its body ended."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = json.dumps({**BODY, "stream": True}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         try:
-            await script(writer)
+            while not self.body().endswith(b"0\r\n\r\n"):
+                piece = await asyncio.wait_for(reader.read(1 << 16), 30)
+                if not piece:
+                    break  # swapper closed the connection: the body was cut
+                self.data += piece
         finally:
             writer.close()
+        split = whole_chunks(self.body())
+        assert split is not None, self.body()[-200:]
+        return int(self.data.split(b" ", 2)[1]), *split
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
+class Engine:
+    """A stand-in that writes a streamed answer's raw bytes (after the head it sends first), each
+    piece once swapper has relayed it to `client`, so that every piece is a read of its own."""
 
-async def stream_of(client: Any) -> tuple[int, bytes, bool]:
-    """A stream's status, the bytes the client got, and whether the chunked body ended."""
-    r = await client.post("/v1/completions", json={**BODY, "stream": True})
-    got = b""
-    try:
-        while piece := await r.content.readany():
-            got += piece
-    except aiohttp.ClientPayloadError:  # the body was cut
-        return r.status, got, False
-    return r.status, got, True
+    def __init__(self, client: Client | None = None):
+        self.client = client  # None: no waiting between pieces
+        self.writer: asyncio.StreamWriter | None = None
+        self.sent = 0
+
+    async def send(self, piece: bytes) -> None:
+        assert self.writer is not None
+        if not self.sent:
+            piece = HEAD + piece
+        self.writer.write(piece)
+        self.sent += len(piece) - (len(HEAD) if not self.sent else 0)
+        client = self.client
+        if client is not None:
+            assert await eventually(lambda: len(client.body()) >= self.sent, every=0.001), "relayed"
+
+    async def tokens(self, n: int, usage_at: int = -1) -> None:
+        for i in range(n):
+            await self.send(chunk(sse(i, usage=usage_at == i)))
+
+    async def serve(self, script: Callable[[Engine], Awaitable[None]]) -> tuple[asyncio.Server, str]:
+        """Listens; reads a request, then runs `script`, then closes the connection."""
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            self.writer = writer
+            try:
+                await script(self)
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 @own
@@ -137,23 +171,22 @@ async def stream_of(client: Any) -> tuple[int, bytes, bool]:
 async def test_a_stream_in_pieces_cut_anywhere_arrives_whole(front, pumps, seed):
     """The engine's bytes cut at random places (inside size lines, payloads and line ends) and
     sent one by one: the pump reads the framing across the cuts."""
-    body = HEAD + b"".join(chunk(sse(i, usage=i == 29)) for i in range(30)) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    body = b"".join(chunk(sse(i, usage=i == 29)) for i in range(30)) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
     rng = random.Random(seed)
-    head_end = len(HEAD) + len(chunk(sse(0)))  # the head and the first chunk come together
-    cuts = sorted(rng.sample(range(head_end + 1, len(body)), 60))
-    pieces = [body[:head_end]] + [body[a:b] for a, b in zip([head_end] + cuts, cuts + [len(body)])]
+    first = len(chunk(sse(0)))  # the first chunk comes with the head
+    cuts = sorted(rng.sample(range(first + 1, len(body)), 60))
+    pieces = [body[:first]] + [body[a:b] for a, b in zip([first] + cuts, cuts + [len(body)])]
 
-    async def script(w: asyncio.StreamWriter) -> None:
+    async def script(e: Engine) -> None:
         for p in pieces:
-            w.write(p)
-            await w.drain()
-            await asyncio.sleep(0.001)  # each its own read
+            await e.send(p)
 
-    server, url = await scripted(script)
+    c = Client()
+    server, url = await Engine(c).serve(script)
     client, _, rt = await front(engine_url=url)
-    status, got, ended = await stream_of(client)
-    assert status == 200 and ended and len(events(got)) == 30 and got.endswith(b"data: [DONE]\n\n")
-    assert pumps and pumps[0].pieces > 10
+    status, payloads, ended = await c.stream(client.port)
+    assert status == 200 and ended and len(events(b"".join(payloads))) == 30 and payloads[-1] == b"data: [DONE]\n\n"
+    assert [p.pieces for p in pumps] == [len(pieces) - 2], "all but the first piece and the last went through the pump"
     assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 30
     server.close()
 
@@ -162,15 +195,15 @@ async def test_a_stream_in_pieces_cut_anywhere_arrives_whole(front, pumps, seed)
 async def test_a_client_that_cannot_keep_up_gets_the_rest_from_the_event_loop(front, pumps):
     fat, n = b"x" * (128 << 10), 120  # 15 MiB of events after a small first one, read slowly
 
-    async def script(w: asyncio.StreamWriter) -> None:
-        w.write(HEAD + chunk(sse(0)))
-        await asyncio.sleep(0.01)
+    async def script(e: Engine) -> None:
+        await e.send(chunk(sse(0)))
+        assert await eventually(lambda: any(_running(client))), "a pump took the stream"
         for i in range(1, n):
-            w.write(chunk(b"data: " + json.dumps({"choices": [{"text": fat.decode(), "index": 0}]}).encode() + b"\n\n"))
-            await w.drain()
-        w.write(chunk(sse(n, usage=True)) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            e.writer.write(chunk(b"data: " + json.dumps({"choices": [{"text": fat.decode(), "index": 0}]}).encode() + b"\n\n"))
+            await e.writer.drain()
+        e.writer.write(chunk(sse(n, usage=True)) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
-    server, url = await scripted(script)
+    server, url = await Engine().serve(script)
     client, _, rt = await front(engine_url=url)
     [(status, _, body)] = await asyncio.to_thread(
         on_one_connection, client.port, [("/v1/completions", {**BODY, "stream": True})], "HTTP/1.1", True)
@@ -183,18 +216,20 @@ async def test_a_client_that_cannot_keep_up_gets_the_rest_from_the_event_loop(fr
 
 @own
 async def test_framing_the_pump_does_not_read_strictly_goes_back_to_the_event_loop(front, pumps):
-    async def script(w: asyncio.StreamWriter) -> None:
-        await first_tokens(w, 5)
-        ev = sse(5, usage=True)
-        w.write(b"%x \r\n%s\r\n" % (len(ev), ev))  # a size line with a space after the size
-        await asyncio.sleep(0.005)
-        w.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    ev = sse(5, usage=True)
+    loose = b"%x \r\n%s\r\n" % (len(ev), ev)  # a size line with a space after the size
 
-    server, url = await scripted(script)
+    async def script(e: Engine) -> None:
+        await e.tokens(5)
+        await e.send(loose)
+        await e.send(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    c = Client()
+    server, url = await Engine(c).serve(script)
     client, _, rt = await front(engine_url=url)
-    status, got, ended = await stream_of(client)
-    assert status == 200 and ended and len(events(got)) == 6
-    assert pumps[0].result == pumping.HANDBACK and b"%x \r\n" % len(sse(5, True)) in pumps[0].rest
+    status, payloads, ended = await c.stream(client.port)
+    assert status == 200 and ended and len(events(b"".join(payloads))) == 6
+    assert pumps[0].result == pumping.HANDBACK and pumps[0].rest == loose
     assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 6
     server.close()
 
@@ -203,16 +238,19 @@ async def test_framing_the_pump_does_not_read_strictly_goes_back_to_the_event_lo
 async def test_the_usage_is_counted_when_a_large_last_piece_follows_it(front, pumps):
     """The pump keeps the payload's last bytes for the usage record; a last piece larger than
     what it keeps is handed back without having pushed the usage out of them."""
-    async def script(w: asyncio.StreamWriter) -> None:
-        await first_tokens(w, 6, usage_at=5)
-        fat = json.dumps({"choices": [{"text": "x" * (40 << 10), "index": 0}]}).encode()
-        w.write(chunk(b"data: " + fat + b"\n\n") + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    fat = json.dumps({"choices": [{"text": "x" * (40 << 10), "index": 0}]}).encode()
+    last = chunk(b"data: " + fat + b"\n\n") + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
-    server, url = await scripted(script)
+    async def script(e: Engine) -> None:
+        await e.tokens(6, usage_at=5)
+        await e.send(last)
+
+    c = Client()
+    server, url = await Engine(c).serve(script)
     client, _, rt = await front(engine_url=url)
-    status, got, ended = await stream_of(client)
-    assert status == 200 and ended and len(events(got)) == 7
-    assert pumps[0].result == pumping.HANDBACK and len(pumps[0].rest) > 40 << 10
+    status, payloads, ended = await c.stream(client.port)
+    assert status == 200 and ended and len(events(b"".join(payloads))) == 7
+    assert pumps[0].result == pumping.HANDBACK and pumps[0].rest == last
     assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 6
     server.close()
 
@@ -221,16 +259,17 @@ async def test_the_usage_is_counted_when_a_large_last_piece_follows_it(front, pu
 async def test_a_child_silent_mid_stream_fails_after_the_read_timeout(front, pumps):
     gone = asyncio.Event()
 
-    async def script(w: asyncio.StreamWriter) -> None:
-        await first_tokens(w, 2)
+    async def script(e: Engine) -> None:
+        await e.tokens(2)
         await asyncio.wait_for(gone.wait(), 30)  # then nothing, until the test ends
 
-    server, url = await scripted(script)
+    c = Client()
+    server, url = await Engine(c).serve(script)
     client, _, rt = await front(engine_url=url, upstream_read_timeout=0.4)
     t0 = time.monotonic()
-    status, got, ended = await stream_of(client)
+    status, payloads, ended = await c.stream(client.port)
     took = time.monotonic() - t0
-    assert status == 200 and not ended and len(events(got + b"data: ")) == 2, "the client's stream is cut"
+    assert status == 200 and not ended and len(events(b"".join(payloads) + b"data: ")) == 2, "the stream is cut"
     assert 0.4 <= took < 2.0, took
     assert [p.result for p in pumps] == [pumping.SILENT]
     assert await eventually(lambda: sample(rt, "swapper_requests_total", model="tiny", code="502") == 1)
@@ -240,13 +279,14 @@ async def test_a_child_silent_mid_stream_fails_after_the_read_timeout(front, pum
 
 @own
 async def test_a_child_closing_mid_stream_is_a_broken_answer(front, pumps):
-    async def script(w: asyncio.StreamWriter) -> None:
-        await first_tokens(w, 4)  # and the connection closes without the body's end
+    async def script(e: Engine) -> None:
+        await e.tokens(4)  # and the connection closes without the body's end
 
-    server, url = await scripted(script)
+    c = Client()
+    server, url = await Engine(c).serve(script)
     client, _, rt = await front(engine_url=url)
-    status, got, ended = await stream_of(client)
-    assert status == 200 and not ended and len(events(got + b"data: ")) == 4
+    status, payloads, ended = await c.stream(client.port)
+    assert status == 200 and not ended and len(events(b"".join(payloads) + b"data: ")) == 4
     assert [p.result for p in pumps] == [pumping.EOF]
     assert await eventually(lambda: sample(rt, "swapper_requests_total", model="tiny", code="502") == 1)
     server.close()
