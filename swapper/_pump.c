@@ -58,7 +58,7 @@ typedef struct Pump {
     int result, error;
     char *rest;
     size_t rest_len;
-    unsigned long long relayed, pieces;
+    unsigned long long pieces;  /* passed on */
     PyObject *on_stop;
     /* its place among the threads (under `mu`) */
     struct Pump *next;
@@ -207,7 +207,6 @@ static void run(Pump *p, char *buf, int wake) {
             if (errno == EINTR) continue;
             break;
         }
-        p->relayed += sent;
         if (sent < (size_t)n) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) stop_with(p, R_BLOCKED, buf + sent, (size_t)n - sent);
             else p->result = R_CLIENT;
@@ -223,7 +222,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t work = PTHREAD_COND_INITIALIZER;  /* a pump queued */
 static pthread_cond_t over = PTHREAD_COND_INITIALIZER;  /* a pump stopped */
 static Pump *queue_head, *queue_tail;
-static int queued, waiting, threads;
+static int queued, waiting;
 
 static void *worker_main(void *unused) {
     (void)unused;
@@ -308,7 +307,6 @@ static PyObject *Pump_start(Pump *p, PyObject *Py_UNUSED(unused)) {
         pthread_attr_setstacksize(&attr, 512 << 10);
         e = pthread_create(&t, &attr, worker_main, NULL);
         pthread_attr_destroy(&attr);
-        if (!e) threads++;
     }
     if (!e) {
         p->phase = P_QUEUED;
@@ -344,10 +342,10 @@ static PyObject *Pump_join(Pump *p, PyObject *Py_UNUSED(unused)) {
 }
 
 static PyObject *Pump_outcome(Pump *p, PyObject *Py_UNUSED(unused)) {
-    /* (result, errno, rest, tail, state, left, line, bytes relayed, pieces relayed) */
-    return Py_BuildValue("iiy#y#iLy#KK", p->result, p->error, p->rest ? p->rest : "", (Py_ssize_t)p->rest_len,
+    /* (result, errno, rest, tail, state, left, line, pieces passed on) */
+    return Py_BuildValue("iiy#y#iLy#K", p->result, p->error, p->rest ? p->rest : "", (Py_ssize_t)p->rest_len,
                          p->tail ? p->tail : "", (Py_ssize_t)p->tail_len, p->state, p->left, p->line,
-                         (Py_ssize_t)p->line_len, p->relayed, p->pieces);
+                         (Py_ssize_t)p->line_len, p->pieces);
 }
 
 static void Pump_dealloc(Pump *p) {
@@ -362,7 +360,7 @@ static PyMethodDef Pump_methods[] = {
     {"stop", (PyCFunction)Pump_stop, METH_NOARGS, "Ask the pump to stop (it answers at once)."},
     {"join", (PyCFunction)Pump_join, METH_NOARGS, "Wait for the pump to stop (the GIL released)."},
     {"outcome", (PyCFunction)Pump_outcome, METH_NOARGS,
-     "(result, errno, rest, tail, state, left, line, bytes relayed, pieces relayed)"},
+     "(result, errno, rest, tail, state, left, line, pieces passed on)"},
     {NULL, NULL, 0, NULL},
 };
 

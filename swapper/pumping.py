@@ -50,21 +50,19 @@ class Outcome:
     state: int  # the chunk framing: relay.py's _SIZE ... _TRAILER
     left: int
     line: bytes
-    relayed: int
-    pieces: int
+    pieces: int  # passed on by the pump
 
 
 class Pumped:
     """One stream under a pump: the client's transport, whether it was reading, and the pump."""
 
-    __slots__ = ("pump", "client", "client_was_reading", "upstream")
+    __slots__ = ("pump", "client", "client_was_reading")
 
     def __init__(self, upstream: asyncio.Transport, client: asyncio.Transport, timeout: float,
                  state: int, left: int, line: bytes, on_stop: Any):
         up = upstream.get_extra_info("socket").fileno()
         down = client.get_extra_info("socket").fileno()
         self.pump = _pump.Pump(up, down, timeout, state, left, line, on_stop)
-        self.upstream = upstream
         self.client = client
         is_reading = getattr(client, "is_reading", None)
         self.client_was_reading = is_reading() if is_reading is not None else True
@@ -74,14 +72,13 @@ class Pumped:
             client.pause_reading()
 
     def outcome(self, stop: bool = False) -> Outcome:
-        """Waits for the pump's thread (asking it to stop first if `stop`), gives the sockets
-        back to the event loop, and says where the stream is."""
+        """Waits for the pump's thread (asking it to stop first if `stop`), gives the client's
+        socket back to the event loop, and says where the stream is. The child's is read again
+        only if the stream goes on (`Pumping._pump_over`)."""
         if stop:
             self.pump.stop()
         self.pump.join()
         out = Outcome(*self.pump.outcome())
-        if not self.upstream.is_closing():
-            self.upstream.resume_reading()
         if self.client_was_reading and not self.client.is_closing():
             self.client.resume_reading()
         return out
@@ -172,10 +169,13 @@ class Pumping:
                 if result == BLOCKED:  # read already: only the client has yet to take it
                     self._direct(out.rest)
                 else:
-                    self.data_received(out.rest)
+                    self.data_received(out.rest)  # usually the answer's end
+        if not self.done.done() and not self.closed:  # more to read from the child
+            self.resume()
 
     if TYPE_CHECKING:  # Exchange's
         def settle(self) -> None: ...
+        def resume(self) -> None: ...
         def _stop_watch(self) -> None: ...
         def _check_silence(self) -> None: ...
         def _end_of_stream(self, exc: BaseException | None) -> None: ...
