@@ -10,7 +10,7 @@ MODELS ?= ./models
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: all build-deps system-deps image-deps install install-serve llama-server vllm models demo test test-fast router-suite bench bench-full bench-fleet clean
+.PHONY: all build-deps system-deps image-deps install install-serve llama-server vllm models demo test test-fast router-suite bench bench-full bench-streams bench-fleet clean
 
 all: test
 
@@ -103,6 +103,11 @@ bench: llama-server
 
 bench-full: llama-server
 	$(PY) bench/run.py --out bench/RESULTS-full.md $(BENCH_ARGS)
+
+# Streamed tokens/s through swapper and router mode, each over its own engine, over 30 rounds with
+# a bootstrap interval (bench/stream_rate.py --help) -> bench/RESULTS-streams.md.
+bench-streams: llama-server
+	$(PY) bench/stream_rate.py --out bench/RESULTS-streams.md $(BENCH_ARGS)
 
 # N swapper pods behind a front that picks like the Gateway API Inference Extension's endpoint
 # picker, against round-robin and random on one trace (bench/fleet.py --help) -> bench/RESULTS-fleet.md.

@@ -148,6 +148,15 @@ class Server:
                 continue
         return out
 
+    def engine_url(self) -> str:
+        """The URL of the one llama-server this front runs, on its private port: the same engine
+        process asked directly (bench/overhead.py measures each front against its own engine)."""
+        found = self.engines()
+        if len(found) != 1:
+            raise RuntimeError(f"{self.kind}: {len(found)} engines running, expected one")
+        argv = found[0].cmdline()
+        return f"http://127.0.0.1:{int(argv[argv.index('--port') + 1])}"
+
     def cpu_seconds(self) -> float:
         """CPU time (user + system) of the server process alone, not its children."""
         return process_cpu_seconds(self.proc.pid)

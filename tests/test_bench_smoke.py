@@ -30,6 +30,26 @@ def test_bench_quick_smoke_prints_a_table(tmp_path: Path, llama_server_bin: str)
     assert ("| workload | conc. | unit | front: swapper | front: router | swapper/router (rounds) "
             "| total ms/request: direct | total: swapper | total: router |") in r.stdout, "the CPU-per-request table"
     assert "| stream, pooled | 1 | ms/request |" in r.stdout, "streams from a client that keeps its connection"
+    assert ("| workload | conc. | metric | swapper ÷ its engine | router ÷ its engine | swapper/router |"
+            in r.stdout), "each front against its own engine"
     assert "**Failed:**" not in r.stdout
     assert "Failed requests:" not in r.stdout, "every request of the CPU table answered"
     assert out.read_text() == r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_stream_rate_compares_each_front_over_its_own_engine(tmp_path: Path, llama_server_bin: str) -> None:
+    out = tmp_path / "RESULTS-streams.md"
+    env = {**os.environ, "SWAPPER_LLAMA_SERVER": llama_server_bin}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "stream_rate.py"), "--rounds", "2", "--streams", "2",
+                        "--tokens", "8", "--out", str(out)],
+                       capture_output=True, text=True, timeout=280, env=env, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr[-4000:]
+    text = out.read_text()
+    assert text == r.stdout
+    assert "Failed requests: none." in text
+    for row in ("| swapper ÷ its engine |", "| router ÷ its engine |", "| swapper/router, each over its own engine |"):
+        assert row in text, f"{row!r} missing:\n{text[-3000:]}"
+    rounds = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(rounds) == 2, "one line per round"
+    assert all(float(cell) > 0 for line in rounds for cell in line.strip("|").split("|")[1:6]), rounds
