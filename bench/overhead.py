@@ -74,7 +74,7 @@ def measure(ctx: Ctx, servers: dict[str, Server], errors: dict[str, list[str]],
             n = p.requests(stream, c)
             body = completion(MODEL, tokens, stream)
             per: dict[str, list[RunStats]] = {t: [] for t in MEASURED}
-            for rep in range(p.repetitions(stream)):
+            for rep in range(p.reps):
                 k = rep % len(MEASURED)
                 order = list(MEASURED[k:] + MEASURED[:k])
                 if rep >= len(MEASURED):
@@ -204,9 +204,8 @@ def _section(ctx: Ctx, results: Results, servers: dict[str, Server], model_bytes
         f"One synthetic llama model ({model_bytes / (1 << 20):.0f} MiB F16, random weights) served three ways, "
         f"and each front's own engine (its llama-server child) asked directly on its private port in the same "
         f"rounds. `short` = non-streaming, max_tokens 8; `stream` = streamed, max_tokens 128 (`ignore_eos`, so "
-        f"every answer has exactly that many tokens). Each cell is the median over {p.reps} repetitions "
-        f"({p.stream_reps} for streams, where the fronts differ by about one repetition's noise); ratios are "
-        f"taken within a repetition and shown as median (min–max). For latencies a ratio below 1 favours "
+        f"every answer has exactly that many tokens). Each cell is the median over {p.reps} repetitions; "
+        f"ratios are taken within a repetition and shown as median (min–max). For latencies a ratio below 1 favours "
         f"swapper, for tokens/s and requests/s a ratio above 1 does. Requests per run: "
         + ", ".join(f"c={c}: {p.requests(False, c)} short / {p.requests(True, c)} streamed" for c in p.concurrency)
         + ". p99 of a few dozen requests is close to their maximum.",

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     command = " ".join(["python", "bench/stream_rate.py",
                         *(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))])
-    profile = dataclasses.replace(PROFILES["quick"], concurrency=(a.concurrency,), stream_reps=a.rounds,
+    profile = dataclasses.replace(PROFILES["quick"], concurrency=(a.concurrency,), reps=a.rounds,
                                   stream_requests=((a.concurrency, a.streams),))
     binary = find_llama_server()
     layout = Layout.detect(binary)
