@@ -1,9 +1,9 @@
 """1. Proxy overhead: the same model served directly, through swapper and through router mode.
 
 Short non-streaming completions (8 tokens) and streamed ones (128 tokens) at each concurrency.
-Every repetition runs the targets back to back in a rotated, shuffled order, so drift on a
-shared machine touches all of them alike; ratios are taken within a repetition and reported as
-median (min–max) over repetitions.
+Every repetition runs the targets back to back in a rotated, shuffled order (each front next to
+its own engine, below), so drift on a shared machine touches all of them alike; ratios are taken
+within a repetition and reported as median (min–max) over repetitions.
 
 Why each front is also measured against its own engine: two llama-server processes started the
 same way generate at speeds up to ~3% apart for their whole lives (three identical ones, same
@@ -16,6 +16,7 @@ happened to be the faster; the goals are judged on it.
 from __future__ import annotations
 
 import math
+import random
 from typing import Callable
 
 from . import cpu as cpu_table
@@ -55,6 +56,21 @@ def _check(reqs: list[Req], target: str, server: Server, errors: dict[str, list[
 Results = dict[tuple[str, int], dict[str, list[RunStats]]]
 
 
+def _order(rep: int, rng: random.Random) -> list[str]:
+    """A repetition's order: direct, and each front with its own engine right before or after it
+    (their ratio is the one the goals read, so no other run comes between them); the three
+    blocks rotated, then shuffled, and each pair's order alternated, then drawn."""
+    blocks = [["direct"]] + [[f, e] for f, e in OWN.items()]
+    k = rep % len(blocks)
+    blocks = blocks[k:] + blocks[:k]
+    if rep >= len(blocks):
+        rng.shuffle(blocks)
+    for b in blocks:
+        if (rep % 2 if rep < len(blocks) else rng.random() < 0.5):
+            b.reverse()
+    return [t for b in blocks for t in b]
+
+
 def measure(ctx: Ctx, servers: dict[str, Server], errors: dict[str, list[str]],
             workloads: tuple[tuple[str, bool, int], ...] = WORKLOADS) -> Results:
     p = ctx.profile
@@ -75,11 +91,7 @@ def measure(ctx: Ctx, servers: dict[str, Server], errors: dict[str, list[str]],
             body = completion(MODEL, tokens, stream)
             per: dict[str, list[RunStats]] = {t: [] for t in MEASURED}
             for rep in range(p.reps):
-                k = rep % len(MEASURED)
-                order = list(MEASURED[k:] + MEASURED[:k])
-                if rep >= len(MEASURED):
-                    rng.shuffle(order)
-                for t in order:
+                for t in _order(rep, rng):
                     cpu0 = front[t].cpu_seconds()
                     reqs, wall = lg.run(urls[t], body, n, c)
                     cpu = (front[t].cpu_seconds() - cpu0) * 1000 / max(1, len(reqs))

@@ -9,7 +9,11 @@ servers, the same five targets per round, bench/overhead.py) for as many rounds 
 prints per round and in summary: each front's tokens/s over its own engine's, swapper's ratio
 over router mode's, and a bootstrap 90% interval of that ratio's median (resampled rounds).
 
-    python bench/stream_rate.py [--rounds 30] [--concurrency 8] [--streams 16] [--out FILE]
+`--identical` measures three llama-server processes started alike instead (same model,
+arguments and CPU, no front): how far apart two engine processes can generate, which is why
+bench/overhead.py holds each front against its own engine.
+
+    python bench/stream_rate.py [--rounds 30] [--concurrency 8] [--streams 16] [--identical] [--out FILE]
 
 `make bench-streams` writes bench/RESULTS-streams.md (about four minutes).
 """
@@ -30,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import overhead  # noqa: E402
 from bench.context import PROFILES, Ctx  # noqa: E402
-from bench.driver import LoadGen  # noqa: E402
+from bench.driver import LoadGen, RunStats, completion  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from bench.report import md_table  # noqa: E402
-from bench.servers import Layout, find_llama_server  # noqa: E402
+from bench.models import synth  # noqa: E402
+from bench.servers import Layout, find_llama_server, start_direct  # noqa: E402
 from bench.stats import median, ratio  # noqa: E402
 
 
@@ -50,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--streams", type=int, default=16, help="streams per target and round")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--identical", action="store_true", help="three llama-servers started alike, no front")
     ap.add_argument("--out", type=Path, help="write the report (markdown) here")
     a = ap.parse_args(argv)
     command = " ".join(["python", "bench/stream_rate.py",
@@ -65,20 +71,67 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(profile, layout, load, work)
     errors: dict[str, list[str]] = {}
     try:
-        servers = overhead.start(ctx)
-        try:
-            per = overhead.measure(ctx, servers, errors, (("stream", True, a.tokens),))[("stream", a.concurrency)]
-        finally:
-            for s in servers.values():
-                s.stop()
+        if a.identical:
+            text = identical(ctx, a, machine, command)
+        else:
+            servers = overhead.start(ctx)
+            try:
+                per = overhead.measure(ctx, servers, errors, (("stream", True, a.tokens),))[("stream", a.concurrency)]
+            finally:
+                for s in servers.values():
+                    s.stop()
+            text = report(a, per, errors, machine, command)
     finally:
         load.close()
         shutil.rmtree(work, ignore_errors=True)
-    text = report(a, per, errors, machine, command)
     print(text, end="")
     if a.out:
         a.out.write_text(text)
     return 1 if errors.get("swapper") else 0
+
+
+def identical(ctx: Ctx, a: argparse.Namespace, machine: dict[str, str], command: str) -> str:
+    """Three llama-servers started alike, measured in the same rotated, shuffled rounds."""
+    model = synth(ctx.profile.overhead_mib, seed=1)
+    names = ("llama-server 1", "llama-server 2", "llama-server 3")
+    servers = {n: start_direct(ctx.layout, model, overhead.MODEL, ctx.dir(f"identical{i}"))
+               for i, n in enumerate(names)}
+    body = completion(overhead.MODEL, a.tokens, True)
+    tps: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        for s in servers.values():
+            s.wait_healthy()
+            for _ in range(2):
+                ctx.loadgen.run(s.url, body, a.concurrency, a.concurrency)
+        rng = ctx.rng(1)
+        for r in range(a.rounds):
+            order = list(names[r % 3:] + names[:r % 3])
+            if r >= 3:
+                rng.shuffle(order)
+            for n in order:
+                reqs, wall = ctx.loadgen.run(servers[n].url, body, a.streams, a.concurrency)
+                if any(q.status != 200 for q in reqs):
+                    raise RuntimeError(f"{n}: a request failed:\n{servers[n].log_tail(10)}")
+                tps[n].append(RunStats.of(reqs, wall).tokens_per_s)
+    finally:
+        for s in servers.values():
+            s.stop()
+    rng = random.Random(7)
+    rows = []
+    for x, y in (("llama-server 2", "llama-server 1"), ("llama-server 3", "llama-server 1"),
+                 ("llama-server 3", "llama-server 2")):
+        xs = [ratio(p, q) for p, q in zip(tps[x], tps[y])]
+        lo, hi = interval(xs, rng)
+        rows.append((f"{x} / {y}", f"{median(xs):.3f}", f"{lo:.3f}–{hi:.3f}",
+                     f"{sum(v > 1 for v in xs)} of {len(xs)}"))
+    return "\n\n".join([
+        "# Streamed tokens/s: three llama-server processes started alike",
+        f"Run on {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} with `{command}`: "
+        f"{a.streams} streams of {a.tokens} tokens at concurrency {a.concurrency} per server and round, "
+        f"{a.rounds} rounds in a rotated, then shuffled order; the same model, arguments and CPU for all three.",
+        md_table(["machine", ""], list(machine.items())),
+        md_table(["ratio of tokens/s", "median", "90% interval", "rounds above 1"], rows),
+    ]) + "\n"
 
 
 def report(a: argparse.Namespace, per: dict[str, list], errors: dict[str, list[str]], machine: dict[str, str],

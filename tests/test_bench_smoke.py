@@ -53,3 +53,16 @@ def test_stream_rate_compares_each_front_over_its_own_engine(tmp_path: Path, lla
     rounds = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert len(rounds) == 2, "one line per round"
     assert all(float(cell) > 0 for line in rounds for cell in line.strip("|").split("|")[1:6]), rounds
+
+
+@pytest.mark.timeout(300)
+def test_stream_rate_identical_compares_three_engines_started_alike(tmp_path: Path, llama_server_bin: str) -> None:
+    env = {**os.environ, "SWAPPER_LLAMA_SERVER": llama_server_bin}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "stream_rate.py"), "--identical", "--rounds", "2",
+                        "--streams", "2", "--tokens", "8"],
+                       capture_output=True, text=True, timeout=280, env=env, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr[-4000:]
+    pairs = [line for line in r.stdout.splitlines() if line.startswith("| llama-server ") and " / " in line]
+    assert [line.split("|")[1].strip() for line in pairs] == [
+        "llama-server 2 / llama-server 1", "llama-server 3 / llama-server 1", "llama-server 3 / llama-server 2"]
+    assert all(float(line.split("|")[2]) > 0 for line in pairs), pairs
