@@ -15,7 +15,7 @@ bench/overhead.py holds each front against its own engine.
 
     python bench/stream_rate.py [--rounds 30] [--concurrency 8] [--streams 16] [--identical] [--out FILE]
 
-`make bench-streams` writes bench/RESULTS-streams.md (about four minutes).
+`make bench-streams` writes bench/RESULTS-streams.md (about three minutes).
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def identical(ctx: Ctx, a: argparse.Namespace, machine: dict[str, str], command:
     ]) + "\n"
 
 
-def report(a: argparse.Namespace, per: dict[str, list], errors: dict[str, list[str]], machine: dict[str, str],
-           command: str) -> str:
+def report(a: argparse.Namespace, per: dict[str, list[RunStats]], errors: dict[str, list[str]],
+           machine: dict[str, str], command: str) -> str:
     tps = {t: [s.tokens_per_s for s in runs] for t, runs in per.items()}
     own = {f: [ratio(x, y) for x, y in zip(tps[f], tps[e])] for f, e in overhead.OWN.items()}
     rel = [ratio(x, y) for x, y in zip(own["swapper"], own["router"])]
