@@ -9,12 +9,13 @@ or closes, framing the pump does not read strictly, and a stop asked for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -166,6 +167,20 @@ class Engine:
         return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+@contextlib.asynccontextmanager
+async def scripted(front: Any, script: Callable[[Engine], Awaitable[None]],
+                   **settings: Any) -> AsyncIterator[tuple[Client, Any, Any]]:
+    """A front whose child is an `Engine` playing `script`, and a `Client` for swapper's port:
+    (the client, the front's test client, its runtime). The engine stops listening after."""
+    c = Client()
+    server, url = await Engine(c).serve(script)
+    try:
+        client, _, rt = await front(engine_url=url, **settings)
+        yield c, client, rt
+    finally:
+        server.close()
+
+
 @own
 @pytest.mark.parametrize("seed", range(6))
 async def test_a_stream_in_pieces_cut_anywhere_arrives_whole(front, pumps, seed):
@@ -181,14 +196,12 @@ async def test_a_stream_in_pieces_cut_anywhere_arrives_whole(front, pumps, seed)
         for p in pieces:
             await e.send(p)
 
-    c = Client()
-    server, url = await Engine(c).serve(script)
-    client, _, rt = await front(engine_url=url)
-    status, payloads, ended = await c.stream(client.port)
-    assert status == 200 and ended and len(events(b"".join(payloads))) == 30 and payloads[-1] == b"data: [DONE]\n\n"
-    assert [p.pieces for p in pumps] == [len(pieces) - 2], "all but the first piece and the last went through the pump"
-    assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 30
-    server.close()
+    async with scripted(front, script) as (c, client, rt):
+        status, payloads, ended = await c.stream(client.port)
+        assert status == 200 and ended and len(events(b"".join(payloads))) == 30 and payloads[-1] == b"data: [DONE]\n\n"
+        assert [p.pieces for p in pumps] == [len(pieces) - 2], \
+            "all but the first piece and the last went through the pump"
+        assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 30
 
 
 @own
@@ -224,14 +237,11 @@ async def test_framing_the_pump_does_not_read_strictly_goes_back_to_the_event_lo
         await e.send(loose)
         await e.send(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
-    c = Client()
-    server, url = await Engine(c).serve(script)
-    client, _, rt = await front(engine_url=url)
-    status, payloads, ended = await c.stream(client.port)
-    assert status == 200 and ended and len(events(b"".join(payloads))) == 6
-    assert pumps[0].result == pumping.HANDBACK and pumps[0].rest == loose
-    assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 6
-    server.close()
+    async with scripted(front, script) as (c, client, rt):
+        status, payloads, ended = await c.stream(client.port)
+        assert status == 200 and ended and len(events(b"".join(payloads))) == 6
+        assert pumps[0].result == pumping.HANDBACK and pumps[0].rest == loose
+        assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 6
 
 
 @own
@@ -245,14 +255,11 @@ async def test_the_usage_is_counted_when_a_large_last_piece_follows_it(front, pu
         await e.tokens(6, usage_at=5)
         await e.send(last)
 
-    c = Client()
-    server, url = await Engine(c).serve(script)
-    client, _, rt = await front(engine_url=url)
-    status, payloads, ended = await c.stream(client.port)
-    assert status == 200 and ended and len(events(b"".join(payloads))) == 7
-    assert pumps[0].result == pumping.HANDBACK and pumps[0].rest == last
-    assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 6
-    server.close()
+    async with scripted(front, script) as (c, client, rt):
+        status, payloads, ended = await c.stream(client.port)
+        assert status == 200 and ended and len(events(b"".join(payloads))) == 7
+        assert pumps[0].result == pumping.HANDBACK and pumps[0].rest == last
+        assert sample(rt, "swapper_completion_tokens_total", model="tiny") == 6
 
 
 @own
@@ -263,18 +270,15 @@ async def test_a_child_silent_mid_stream_fails_after_the_read_timeout(front, pum
         await e.tokens(2)
         await asyncio.wait_for(gone.wait(), 30)  # then nothing, until the test ends
 
-    c = Client()
-    server, url = await Engine(c).serve(script)
-    client, _, rt = await front(engine_url=url, upstream_read_timeout=0.4)
-    t0 = time.monotonic()
-    status, payloads, ended = await c.stream(client.port)
-    took = time.monotonic() - t0
-    assert status == 200 and not ended and len(events(b"".join(payloads) + b"data: ")) == 2, "the stream is cut"
-    assert 0.4 <= took < 2.0, took
-    assert [p.result for p in pumps] == [pumping.SILENT]
-    assert await eventually(lambda: sample(rt, "swapper_requests_total", model="tiny", code="502") == 1)
-    gone.set()
-    server.close()
+    async with scripted(front, script, upstream_read_timeout=0.4) as (c, client, rt):
+        t0 = time.monotonic()
+        status, payloads, ended = await c.stream(client.port)
+        took = time.monotonic() - t0
+        assert status == 200 and not ended and len(events(b"".join(payloads) + b"data: ")) == 2, "the stream is cut"
+        assert 0.4 <= took < 2.0, took
+        assert [p.result for p in pumps] == [pumping.SILENT]
+        assert await eventually(lambda: sample(rt, "swapper_requests_total", model="tiny", code="502") == 1)
+        gone.set()
 
 
 @own
@@ -282,14 +286,11 @@ async def test_a_child_closing_mid_stream_is_a_broken_answer(front, pumps):
     async def script(e: Engine) -> None:
         await e.tokens(4)  # and the connection closes without the body's end
 
-    c = Client()
-    server, url = await Engine(c).serve(script)
-    client, _, rt = await front(engine_url=url)
-    status, payloads, ended = await c.stream(client.port)
-    assert status == 200 and not ended and len(events(b"".join(payloads) + b"data: ")) == 4
-    assert [p.result for p in pumps] == [pumping.EOF]
-    assert await eventually(lambda: sample(rt, "swapper_requests_total", model="tiny", code="502") == 1)
-    server.close()
+    async with scripted(front, script) as (c, client, rt):
+        status, payloads, ended = await c.stream(client.port)
+        assert status == 200 and not ended and len(events(b"".join(payloads) + b"data: ")) == 4
+        assert [p.result for p in pumps] == [pumping.EOF]
+        assert await eventually(lambda: sample(rt, "swapper_requests_total", model="tiny", code="502") == 1)
 
 
 @own
