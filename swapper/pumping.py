@@ -95,12 +95,11 @@ def can_pump(upstream: asyncio.Transport | None, client: Any) -> bool:
 class Pumping:
     """relay.py's `Exchange`, as far as it hands a stream to a pump and takes it back.
 
-    `direct(write, client)` asks for a pump (`_pump_to`); it starts once the piece under way is
-    read (`_start_pump`, soon after), and ends in `_pump_over`, called on the event loop when
-    the pump's thread stops or by `halt` before a socket of the stream is closed.
+    `direct(write, client)` asks for a pump; it starts once the piece under way is read
+    (`_start_pump`, soon after), and ends in `_pump_over`, called on the event loop when the
+    pump's thread stops or by `halt` before a socket of the stream is closed.
     """
 
-    _pump_to: asyncio.Transport | None
     _pumped: Pumped | None
     # the rest is Exchange's (relay.py)
     loop: asyncio.AbstractEventLoop
@@ -123,12 +122,10 @@ class Pumping:
         if self._pumped is not None:
             self._pump_over(stop=True)
 
-    def _start_pump(self) -> None:
-        client, self._pump_to = self._pump_to, None
+    def _start_pump(self, client: asyncio.Transport) -> None:
         if self._pending:  # pieces that came in the same turn of the loop
             self.settle()
-        if (client is None or self._pending is None or self.closed or self.done.done()
-                or not can_pump(self.transport, client)):
+        if self._pending is None or self.closed or self.done.done() or not can_pump(self.transport, client):
             return  # the event loop relays the stream
         try:
             self._pumped = Pumped(self.transport, client, self._timeout, self._chunk_state,  # type: ignore[arg-type]

@@ -74,7 +74,6 @@ class Exchange(Pumping, asyncio.Protocol):
         self._settled = 0  # pieces of `_pending` whose framing was read (they count as activity)
         self._seen = 0
         self._watch: asyncio.TimerHandle | None = None
-        self._pump_to: asyncio.Transport | None = None  # a client the stream may be pumped to
         self._pumped: Pumped | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -174,8 +173,7 @@ class Exchange(Pumping, asyncio.Protocol):
             if not self._reusable:
                 self._pending = []
                 if client is not None:
-                    self._pump_to = client
-                    self.loop.call_soon(self._start_pump)
+                    self.loop.call_soon(self._start_pump, client)
                 if self._watch is not None:
                     self._watch.cancel()
                     self._watch = self.loop.call_later(self._timeout / 4, self._check_silence)

@@ -298,7 +298,7 @@ async def test_closing_the_childs_connection_stops_its_pump_first(front, pumps, 
     """The sockets are the event loop's again before one of them is closed (`Exchange.close`)."""
     exchanges: list[Exchange] = []
     start = Exchange._start_pump
-    monkeypatch.setattr(Exchange, "_start_pump", lambda self: (exchanges.append(self), start(self))[1])
+    monkeypatch.setattr(Exchange, "_start_pump", lambda self, client: (exchanges.append(self), start(self, client))[1])
     client, engine, rt = await front()
     r = await client.post("/v1/completions", json={**BODY, "stream": True, "max_tokens": 2000, "pace": 0.005})
     assert (await r.content.readany()).startswith(b"data: ")
