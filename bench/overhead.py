@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 from . import cpu as cpu_table
 from .context import Ctx
@@ -32,6 +32,7 @@ OWN = {"swapper": "swapper's engine", "router": "router's engine"}  # each front
 MEASURED = TARGETS + tuple(OWN.values())
 WORKLOADS = (("short", False, 8), ("stream", True, 128))
 MODEL = "tiny"
+T = TypeVar("T")
 
 Metric = tuple[str, Callable[[RunStats], float], bool]  # label, value, higher is better
 METRICS: list[Metric] = [
@@ -56,15 +57,21 @@ def _check(reqs: list[Req], target: str, server: Server, errors: dict[str, list[
 Results = dict[tuple[str, int], dict[str, list[RunStats]]]
 
 
+def rotated(items: Sequence[T], rep: int, rng: random.Random) -> list[T]:
+    """Repetition `rep`'s order of `items`: rotated for the first len(items) repetitions (each
+    item once in each place), then shuffled."""
+    k = rep % len(items)
+    out = list(items[k:]) + list(items[:k])
+    if rep >= len(items):
+        rng.shuffle(out)
+    return out
+
+
 def _order(rep: int, rng: random.Random) -> list[str]:
     """A repetition's order: direct, and each front with its own engine right before or after it
     (their ratio is the one the goals read, so no other run comes between them); the three
     blocks rotated, then shuffled, and each pair's order alternated, then drawn."""
-    blocks = [["direct"]] + [[f, e] for f, e in OWN.items()]
-    k = rep % len(blocks)
-    blocks = blocks[k:] + blocks[:k]
-    if rep >= len(blocks):
-        rng.shuffle(blocks)
+    blocks = rotated([["direct"]] + [[f, e] for f, e in OWN.items()], rep, rng)
     for b in blocks:
         if (rep % 2 if rep < len(blocks) else rng.random() < 0.5):
             b.reverse()

@@ -105,10 +105,7 @@ def identical(ctx: Ctx, a: argparse.Namespace, machine: dict[str, str], command:
                 ctx.loadgen.run(s.url, body, a.concurrency, a.concurrency)
         rng = ctx.rng(1)
         for r in range(a.rounds):
-            order = list(names[r % 3:] + names[:r % 3])
-            if r >= 3:
-                rng.shuffle(order)
-            for n in order:
+            for n in overhead.rotated(names, r, rng):
                 reqs, wall = ctx.loadgen.run(servers[n].url, body, a.streams, a.concurrency)
                 if any(q.status != 200 for q in reqs):
                     raise RuntimeError(f"{n}: a request failed:\n{servers[n].log_tail(10)}")
